@@ -1,0 +1,78 @@
+"""Round-to-nearest: min-max group parameters, no calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qconvert.algorithms import register
+from qconvert.errors import QConvertError
+from qconvert.quantized import QuantizedTensor
+
+GROUP_SIZES = (-1, 32, 64, 128)
+BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """bits: 4 or 8; group_size: input columns per scale (-1: one scale per output channel);
+    symmetric: zero point fixed at the code midpoint (otherwise min-max with a zero point)."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    version: int = 1
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise QConvertError(f"--w-bit {self.bits} is not supported (choose from {', '.join(map(str, BITS))})")
+        if self.group_size not in GROUP_SIZES:
+            raise QConvertError(
+                f"--group {self.group_size} is not supported (choose from {', '.join(map(str, GROUP_SIZES))})"
+            )
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, groups, group_size] (one group per row for group_size -1)."""
+    out, cols = w.shape
+    g = cols if group_size == -1 else group_size
+    return w.reshape(out, cols // g, g)
+
+
+def minmax_params(
+    wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rounded to its storage dtype) and unsigned zero point per group of wg [out, groups, g]."""
+    qmax = (1 << bits) - 1
+    lo = wg.amin(dim=-1).clamp(max=0)
+    hi = wg.amax(dim=-1).clamp(min=0)
+    if symmetric:
+        mid = 1 << (bits - 1)
+        # the smallest scale that represents both extremes: -mid..mid-1 around the midpoint
+        scale = torch.maximum(hi / (mid - 1), -lo / mid)
+        zero = None
+    else:
+        scale = (hi - lo) / qmax
+    scale = scale.clamp(min=torch.finfo(torch.float16).tiny).to(scale_dtype)
+    if not symmetric:
+        zero = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """Codes for w [out, in] given per-group scale/zero: round(w / s) + z, clamped."""
+    wg = grouped(w.float(), group_size)
+    z = (1 << (bits - 1)) if zero is None else zero.float()[..., None]
+    q = torch.round(wg / scale.float()[..., None]) + z
+    return q.clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(w.shape)
+
+
+@register(RTNConfig)
+def rtn(w: torch.Tensor, config: RTNConfig, *, scale_dtype: torch.dtype, stats=None) -> QuantizedTensor:
+    """Min-max round-to-nearest of w [out, in]; `stats` is unused (no calibration)."""
+    if config.group_size != -1 and w.shape[1] % config.group_size:
+        raise QConvertError(f"group size {config.group_size} does not divide input size {w.shape[1]}")
+    scale, zero = minmax_params(grouped(w.float(), config.group_size), config.bits, config.symmetric, scale_dtype)
+    codes = quantize_with(w, scale, zero, config.bits, config.group_size)
+    return QuantizedTensor(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), config.bits, config.group_size)

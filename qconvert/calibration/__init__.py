@@ -1,0 +1,1 @@
+"""Calibration and evaluation text: datasets -> token windows."""

@@ -1,0 +1,174 @@
+"""The layer-by-layer loop: one decoder block in memory at a time.
+
+For each block: load its weights; if there is calibration data, run the block's inputs through it
+(hooks count what each linear sees); quantize its linears in sequential order and hand each result
+to the writer at once; pass the other tensors through; run the quantized block to get the next
+block's inputs; free it. Tensors outside the blocks (embeddings, final norm, lm_head) are streamed
+through unquantized.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from qconvert.algorithms import quantizer_for
+from qconvert.errors import QConvertError
+from qconvert.model.architectures import Architecture
+from qconvert.model.blocks import (
+    build_skeleton,
+    capture_block_inputs,
+    decoder_blocks,
+    load_block,
+    run_block,
+    unload_block,
+)
+from qconvert.model.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # compute dtype of blocks and activations
+    batch_size: int = 8
+
+
+@dataclass
+class LinearReport:
+    weight_error: float  # ||W - Q||^2 / ||W||^2
+    tokens: int | None  # calibration tokens the linear saw (None without calibration)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    linears: dict[str, LinearReport] = field(default_factory=dict)
+    output_error: float | None = None  # ||Y_q - Y||^2 / ||Y||^2 of the block on calibration data
+    uncalibrated: list[str] = field(default_factory=list)  # linears that saw no calibration token
+
+    @property
+    def weight_error(self) -> float:
+        errs = [r.weight_error for r in self.linears.values()]
+        return sum(errs) / max(len(errs), 1)
+
+
+def group_size_of(config) -> int:
+    return getattr(config, "group_size", -1)
+
+
+def preflight(ckpt: Checkpoint, arch: Architecture, config) -> int:
+    """Check every linear to quantize before anything is written; returns how many there are."""
+    layer_prefix = f"{arch.layers}."
+    group = group_size_of(config)
+    count = 0
+    for name in ckpt.names():
+        if not (name.startswith(layer_prefix) and name.endswith(".weight") and len(ckpt.shape(name)) == 2):
+            continue
+        local = arch.to_memory(name).removeprefix(layer_prefix).split(".", 1)[1].removesuffix(".weight")
+        if arch.group_of(local) is None:
+            continue
+        count += 1
+        cols = ckpt.shape(name)[1]
+        if group > 0 and cols % group:
+            divisors = [g for g in (32, 64, 128) if cols % g == 0]
+            hint = f"; group sizes that divide it: {', '.join(map(str, divisors))}" if divisors else ""
+            raise QConvertError(
+                f"{name}: input size {cols} is not a multiple of group size {group}"
+                f" (compressed-tensors requires it){hint}, or use --group -1"
+            )
+    if count == 0:
+        raise QConvertError(f"{ckpt.path}: no linear layer to quantize was found under '{arch.layers}'")
+    return count
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp(min=1e-30))
+
+
+def _count_tokens(groups) -> tuple[dict[str, int], list]:
+    counts: dict[str, int] = defaultdict(int)
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0]
+            counts[name] += x.numel() // x.shape[-1]
+
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for group in groups for name, lin in group]
+    return counts, handles
+
+
+def convert(
+    ckpt: Checkpoint,
+    arch: Architecture,
+    config,
+    writer,
+    tokens: torch.Tensor | None,
+    options: EngineOptions,
+    on_layer: Callable[[LayerReport], None] = lambda r: None,
+) -> list[LayerReport]:
+    """Quantize every block of `ckpt` with `config`'s algorithm into `writer`."""
+    preflight(ckpt, arch, config)
+    quantize = quantizer_for(config)
+    model = build_skeleton(ckpt, arch)
+    blocks = decoder_blocks(model, arch)
+    inputs = None
+    if tokens is not None:
+        inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
+    reports = []
+    for index, block in enumerate(blocks):
+        start = time.perf_counter()
+        prefix = f"{arch.layers}.{index}."
+        originals = load_block(block, ckpt, arch, index, options.device, options.dtype)
+        groups = arch.linear_groups(block)
+        report = LayerReport(index, 0.0)
+        reference, counts = None, None
+        if inputs is not None:
+            counts, handles = _count_tokens(groups)
+            reference = run_block(block, index, inputs)
+            for h in handles:
+                h.remove()
+        written = set()
+        for group in groups:
+            for name, linear in group:
+                tokens_seen = None if counts is None else counts.get(name, 0)
+                if tokens_seen == 0:
+                    report.uncalibrated.append(name)
+                w = linear.weight
+                qt = quantize(w, config, scale_dtype=originals[f"{name}.weight"].dtype)
+                writer.add_quantized(arch.to_file(f"{prefix}{name}.weight"), qt)
+                dq = qt.dequantize().to(device=w.device, dtype=w.dtype)
+                report.linears[name] = LinearReport(_relative_error(dq, w), tokens_seen)
+                linear.weight.data = dq
+                written.add(f"{name}.weight")
+        for name, tensor in originals.items():
+            if name not in written:
+                writer.add_tensor(arch.to_file(prefix + name), tensor)
+        if inputs is not None:
+            outputs = run_block(block, index, inputs)
+            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
+            den = sum(float(r.float().pow(2).sum()) for r in reference)
+            report.output_error = num / max(den, 1e-30)
+            inputs.hidden = outputs
+            del reference
+        unload_block(block)
+        report.seconds = time.perf_counter() - start
+        if report.uncalibrated:
+            log.warning("layer %d: %d linear(s) saw no calibration token: %s", index,
+                        len(report.uncalibrated), ", ".join(report.uncalibrated[:4]))
+        reports.append(report)
+        on_layer(report)
+    layer_prefix = f"{arch.layers}."
+    for name in ckpt.names():
+        if not name.startswith(layer_prefix):
+            writer.add_tensor(name, ckpt.get(name))
+    return reports

@@ -1,0 +1,1 @@
+"""Format writers and readers, one module per on-disk layout."""

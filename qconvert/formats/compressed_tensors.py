@@ -1,0 +1,168 @@
+"""compressed-tensors `pack-quantized` (weight-only int, W4A16 / W8A16), as vLLM and transformers read it.
+
+Layout (compressed-tensors 0.20, PackedQuantizationCompressor), per quantized linear `X`:
+  X.weight_packed      int32 [out, ceil(in * bits / 32)]  codes offset to unsigned (q + 2**(bits-1)),
+                       packed densely along the input dim: element i at bits [i*bits, (i+1)*bits)
+  X.weight_scale       [out, groups] in the model's dtype
+  X.weight_shape       int64 [2] = (out, in)
+  X.weight_zero_point  int32 [ceil(out * bits / 32), groups], asymmetric only: zero points offset to
+                       unsigned, packed the same way along the output dim
+Dequantization: (q - z) * scale, computed in the scale's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from qconvert.model.checkpoint import Checkpoint
+from qconvert.quantized import QuantizedTensor
+
+FORMAT = "pack-quantized"
+QUANT_METHOD = "compressed-tensors"
+SPEC_VERSION = "0.20.0"
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [rows, cols] -> int32 [rows, ceil(cols*bits/32)], element i at bit i*bits."""
+    rows, cols = codes.shape
+    words = -(-cols * bits // 32)
+    pos = torch.arange(cols, dtype=torch.int64) * bits
+    word, off = pos // 32, pos % 32
+    v = codes.to(torch.int64)
+    acc = torch.zeros(rows, words + 1, dtype=torch.int64)
+    acc.scatter_add_(1, word.expand(rows, -1), (v << off) & 0xFFFFFFFF)
+    spill = off + bits > 32  # the high bits of a value that straddles two words
+    if spill.any():
+        acc.scatter_add_(1, (word[spill] + 1).expand(rows, -1), v[:, spill] >> (32 - off[spill]))
+    acc = acc[:, :words]
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of pack_bits: int32 [rows, words] -> uint8 [rows, cols]."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64)], dim=1)
+    pos = torch.arange(cols, dtype=torch.int64) * bits
+    word, off = pos // 32, pos % 32
+    v = (w[:, word] >> off) | (w[:, word + 1] << (32 - off))
+    return (v & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def weights_args(qt: QuantizedTensor) -> dict:
+    return {
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": False,
+        "group_size": None if qt.group_size == -1 else qt.group_size,
+        "num_bits": qt.bits,
+        "observer": "minmax",
+        "observer_kwargs": {},
+        "strategy": "channel" if qt.group_size == -1 else "group",
+        "symmetric": qt.symmetric,
+        "type": "int",
+    }
+
+
+def quantization_config(schemes: dict[str, dict], ignore: list[str]) -> dict:
+    """config.json `quantization_config`; schemes maps module name -> weights args."""
+    key = lambda args: json.dumps(args, sort_keys=True)  # noqa: E731
+    distinct = {key(s): s for s in schemes.values()}
+    groups = {}
+    for i, (k, args) in enumerate(distinct.items()):
+        if len(distinct) == 1:
+            targets = ["Linear"]
+        else:
+            targets = sorted(m for m, s in schemes.items() if key(s) == k)
+        groups[f"group_{i}"] = {
+            "input_activations": None,
+            "output_activations": None,
+            "targets": targets,
+            "weights": args,
+        }
+    return {
+        "config_groups": groups,
+        "format": FORMAT,
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "quant_method": QUANT_METHOD,
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": SPEC_VERSION,
+    }
+
+
+class Writer:
+    """Streams a model's tensors into compressed-tensors pack-quantized safetensors shards."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.shards = ShardWriter(out_dir, max_shard_bytes)
+        self.schemes: dict[str, dict] = {}
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.shards.add(name, tensor)
+
+    def add_quantized(self, name: str, qt: QuantizedTensor) -> None:
+        if qt.g_idx is not None:
+            raise ValueError("compressed-tensors writer: g_idx is not supported here")
+        module = name.removesuffix(".weight")
+        self.shards.add(f"{module}.weight_packed", pack_bits(qt.codes, qt.bits))
+        self.shards.add(f"{module}.weight_scale", qt.scale)
+        self.shards.add(f"{module}.weight_shape", torch.tensor(qt.shape, dtype=torch.int64))
+        if not qt.symmetric:
+            self.shards.add(f"{module}.weight_zero_point", pack_bits(qt.zero.T.contiguous(), qt.bits).T.contiguous())
+        self.schemes[module] = weights_args(qt)
+
+    def finish(self, ignore: list[str]) -> dict:
+        """Close the shards; returns the quantization_config for config.json."""
+        self.shards.finish()
+        return quantization_config(self.schemes, ignore)
+
+
+def _scheme_for(module: str, config: dict) -> dict:
+    groups = list(config["config_groups"].values())
+    for group in groups:
+        for target in group["targets"]:
+            if target == "Linear" or target == module or (
+                target.startswith("re:") and re.fullmatch(target[3:], module)
+            ):
+                return group["weights"]
+    raise ValueError(f"{module}: no config group targets it")
+
+
+def read(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Every tensor of a pack-quantized checkpoint; quantized linears come back as QuantizedTensor."""
+    config = ckpt.config_dict["quantization_config"]
+    if config.get("format") != FORMAT:
+        raise ValueError(f"compressed-tensors format {config.get('format')!r} is not {FORMAT!r}")
+    names = ckpt.names()
+    packed = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
+    for name in names:
+        module, _, suffix = name.rpartition(".")
+        if module in packed and suffix in SUFFIXES:
+            if suffix == "weight_packed":
+                yield f"{module}.weight", _read_module(ckpt, module, config)
+            continue
+        yield name, ckpt.get(name)
+
+
+def _read_module(ckpt: Checkpoint, module: str, config: dict) -> QuantizedTensor:
+    args = _scheme_for(module, config)
+    bits = args["num_bits"]
+    t = ckpt.load([f"{module}.{s}" for s in SUFFIXES if f"{module}.{s}" in ckpt])
+    out, cols = (int(x) for x in t[f"{module}.weight_shape"])
+    codes = unpack_bits(t[f"{module}.weight_packed"], bits, cols)
+    scale = t[f"{module}.weight_scale"]
+    zero = None
+    if not args["symmetric"]:
+        zero = unpack_bits(t[f"{module}.weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
+    group_size = -1 if args["strategy"] == "channel" else args["group_size"]
+    return QuantizedTensor(codes, scale, zero, bits, group_size)

@@ -1,0 +1,168 @@
+"""transformers' own modules, built empty and filled one decoder block at a time.
+
+The model is instantiated on the meta device (buffers such as rotary frequencies stay real), so
+no weight is allocated until a block is loaded; the inputs of every block (hidden states and the
+keyword arguments the model passes it: masks, rotary embeddings) are recorded once by running the
+model with recorders standing in for its blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from qconvert.errors import QConvertError
+from qconvert.model.architectures import Architecture
+from qconvert.model.checkpoint import Checkpoint
+from qconvert.model.moe import unfuse_experts
+
+
+def build_skeleton(ckpt: Checkpoint, arch: Architecture) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(ckpt.path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=arch.attn_implementation)
+    return model.eval().requires_grad_(False)
+
+
+def decoder_blocks(model: PreTrainedModel, arch: Architecture) -> nn.ModuleList:
+    return model.get_submodule(arch.layers)
+
+
+def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    path, _, leaf = name.rpartition(".")
+    module = root.get_submodule(path) if path else root
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def block_file_names(ckpt: Checkpoint, arch: Architecture, index: int) -> dict[str, str]:
+    """Memory name (inside the block) -> checkpoint tensor name, for block `index`."""
+    prefix = f"{arch.layers}.{index}."
+    return {arch.to_memory(n)[len(prefix):]: n for n in ckpt.names() if n.startswith(prefix)}
+
+
+def load_block(
+    block: nn.Module, ckpt: Checkpoint, arch: Architecture, index: int, device, dtype
+) -> dict[str, torch.Tensor]:
+    """Fill block `index` with its weights (cast to `dtype` on `device`).
+
+    Returns the tensors as stored (memory name -> tensor in the file's dtype, on CPU).
+    """
+    if arch.moe:
+        unfuse_experts(block, arch.moe)
+    files = block_file_names(ckpt, arch, index)
+    params = [n for n, _ in block.named_parameters()]
+    missing = [n for n in params if n not in files]
+    if missing:
+        names = ", ".join(arch.to_file(f"{arch.layers}.{index}.{m}") for m in missing[:3])
+        raise QConvertError(f"{ckpt.path}: layer {index} lacks {names}")
+    stored = ckpt.load([files[n] for n in params])
+    originals = {n: stored[files[n]] for n in params}
+    for name, tensor in originals.items():
+        _set_param(block, name, tensor.to(device=device, dtype=dtype))
+    return originals
+
+
+def unload_block(block: nn.Module) -> None:
+    block.to("meta")
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering the current block, in mini-batches."""
+
+    hidden: list[torch.Tensor]
+    # per block index, per mini-batch size: the positional args after hidden_states and the kwargs
+    call_args: list[dict[int, tuple[tuple, dict]]] = field(default_factory=list)
+
+    def args_for(self, index: int, batch: torch.Tensor) -> tuple[tuple, dict]:
+        return self.call_args[index][batch.shape[0]]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block: notes what it is called with, passes hidden states through."""
+
+    def __init__(self, block: nn.Module, index: int, last: bool, sink):
+        super().__init__()
+        self.__dict__["_block"] = block  # not a submodule: its meta weights must not be touched
+        self.index, self.last, self.sink = index, last, sink
+
+    def __getattr__(self, name):  # the model loop may read block attributes (attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink(self.index, hidden_states, args, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _to(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: PreTrainedModel,
+    ckpt: Checkpoint,
+    arch: Architecture,
+    tokens: torch.Tensor,
+    batch_size: int,
+    device,
+    dtype,
+) -> BlockInputs:
+    """Embed the calibration tokens on CPU and record what every block is called with."""
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, p in model.named_parameters() if p is embed.weight)
+    _set_param(model, embed_name, ckpt.get(embed_name).to(dtype))
+    blocks = decoder_blocks(model, arch)
+    originals = list(blocks)
+    inputs = BlockInputs(hidden=[], call_args=[{} for _ in originals])
+
+    def sink(index, hidden, args, kwargs):
+        if index == 0:
+            inputs.hidden.append(hidden.to(device))
+        b = hidden.shape[0]
+        if b not in inputs.call_args[index]:
+            inputs.call_args[index][b] = (_to(args, device, dtype), _to(kwargs, device, dtype))
+
+    for i, block in enumerate(originals):
+        blocks[i] = _Recorder(block, i, i == len(originals) - 1, sink)
+    try:
+        inner = getattr(model, model.base_model_prefix)
+        for batch in tokens.split(batch_size):
+            try:
+                inner(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        embed.to("meta")
+    return inputs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
+    outputs = []
+    for hidden in inputs.hidden:
+        args, kwargs = inputs.args_for(index, hidden)
+        out = block(hidden, *args, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs

@@ -1,0 +1,164 @@
+"""Lazy, shard-by-shard reading of a Hugging Face checkpoint directory.
+
+Nothing is loaded at open time but the JSON config and the safetensors headers; tensors are read on
+request, file by file, and the file handles are closed again so that the mapped pages of tensors
+already used do not stay resident.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qconvert.errors import QConvertError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a conversion needs from a hub repository (weights in safetensors or .bin, config, tokenizer)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_model(spec: str) -> Path:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QConvertError(f"{spec}: is a file, not a checkpoint directory")
+        return path
+    if not _REPO_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise QConvertError(f"{spec}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: all one message for the user
+        raise QConvertError(
+            f"{spec}: no such directory, and the Hugging Face hub could not provide it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+
+
+class Checkpoint:
+    """A checkpoint directory: config.json plus safetensors (or .bin) weights, one or many shards."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise QConvertError(f"{self.path}: not a checkpoint (no config.json)")
+        try:
+            self.config_dict = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise QConvertError(f"{config_file}: invalid JSON ({exc})") from None
+        self._file_of: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._bin = False
+        self._index_files()
+
+    # -- discovery -------------------------------------------------------------------------
+    def _index_files(self) -> None:
+        files = self._weight_files()
+        for file in files:
+            if self._bin:
+                state = self._torch_load(file)
+                for name, t in state.items():
+                    self._file_of[name] = file
+                    self._meta[name] = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                continue
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        self._file_of[name] = file
+                        self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            except SafetensorError as exc:
+                raise QConvertError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+        if not self._file_of:
+            raise QConvertError(f"{self.path}: the weight files hold no tensors")
+
+    def _weight_files(self) -> list[Path]:
+        for index_name, single, is_bin in (
+            (SAFETENSORS_INDEX, "model.safetensors", False),
+            (BIN_INDEX, "pytorch_model.bin", True),
+        ):
+            index = self.path / index_name
+            if index.is_file():
+                self._bin = is_bin
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise QConvertError(f"{index}: invalid index ({exc})") from None
+                files = sorted({self.path / f for f in weight_map.values()})
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise QConvertError(f"{self.path}: shard(s) listed in {index_name} are missing: {', '.join(missing)}")
+                return files
+            if (self.path / single).is_file():
+                self._bin = is_bin
+                return [self.path / single]
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            return shards
+        raise QConvertError(f"{self.path}: not a checkpoint (no .safetensors or pytorch_model.bin weights)")
+
+    @staticmethod
+    def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise QConvertError(f"{file}: cannot read as a PyTorch weights file ({exc})") from None
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str:
+        return self.config_dict.get("model_type", "")
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> str:
+        """Storage dtype as safetensors names it (BF16, F16, F32, ...) or torch's name for .bin."""
+        return self._meta[name][1]
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self._file_of.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    # -- reading ---------------------------------------------------------------------------
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors (in their stored dtype), opening each file once; NaN/Inf are refused."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self._file_of:
+                raise QConvertError(f"{self.path}: tensor {name} is missing")
+            by_file[self._file_of[name]].append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            if self._bin:
+                state = self._torch_load(file)
+                out.update({n: state[n].clone() for n in file_names})
+                continue
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for n in file_names:
+                        out[n] = f.get_tensor(n)
+            except SafetensorError as exc:
+                raise QConvertError(f"{file}: corrupt safetensors file ({exc})") from None
+        for n, t in out.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise QConvertError(f"{n} in {self._file_of[n].name} holds NaN or Inf values")
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.load([name])[name]

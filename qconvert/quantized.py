@@ -1,0 +1,76 @@
+"""The one hand-off type between algorithms and format writers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer weight codes with their group parameters, in logical (unpacked) layout.
+
+    codes: uint8 [out, in], unsigned, in [0, 2**bits - 1].
+    scale: [out, groups], already rounded to the dtype it is stored in.
+    zero:  uint8 [out, groups] unsigned codes, or None for symmetric (the midpoint 2**(bits-1)).
+    group_size: input columns per group, -1 for one group per output channel.
+    g_idx: int32 [in], the group of each input column when it is not column // group_size.
+    Weight = (codes - zero) * scale, per column's group.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int
+    g_idx: torch.Tensor | None = None
+
+    def __post_init__(self):
+        out, cols = self.codes.shape
+        groups = self.num_groups
+        if self.codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8, got {self.codes.dtype}")
+        if tuple(self.scale.shape) != (out, groups):
+            raise ValueError(f"scale shape {tuple(self.scale.shape)} != {(out, groups)}")
+        if self.zero is not None and tuple(self.zero.shape) != (out, groups):
+            raise ValueError(f"zero shape {tuple(self.zero.shape)} != {(out, groups)}")
+        if self.g_idx is not None and tuple(self.g_idx.shape) != (cols,):
+            raise ValueError(f"g_idx shape {tuple(self.g_idx.shape)} != {(cols,)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def num_groups(self) -> int:
+        cols = self.codes.shape[1]
+        if self.group_size == -1:
+            return 1
+        return -(-cols // self.group_size)
+
+    def column_groups(self) -> torch.Tensor:
+        """The group index of every input column."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        cols = self.codes.shape[1]
+        if self.group_size == -1:
+            return torch.zeros(cols, dtype=torch.long)
+        return torch.arange(cols) // self.group_size
+
+    def zeros(self) -> torch.Tensor:
+        if self.zero is not None:
+            return self.zero
+        return torch.full_like(self.scale, 1 << (self.bits - 1), dtype=torch.uint8)
+
+    def dequantize(self) -> torch.Tensor:
+        """(codes - zero) * scale in the scale's dtype, as the engines compute it."""
+        g = self.column_groups().to(self.codes.device)
+        zero = self.zeros().to(torch.float32)[:, g]
+        scale = self.scale.to(torch.float32)[:, g]
+        # (q - z) * s is exact in float32; one rounding to the storage dtype, as in the kernels
+        return ((self.codes.to(torch.float32) - zero) * scale).to(self.scale.dtype)

@@ -1,0 +1,1 @@
+"""Helpers for tests and demos: tiny random models built in-process, no download."""
