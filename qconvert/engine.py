@@ -119,7 +119,7 @@ def convert(
     """Quantize every block of `ckpt` with `config`'s algorithm into `writer`."""
     preflight(ckpt, arch, config)
     quantize = quantizer_for(config)
-    model = build_skeleton(ckpt, arch)
+    model = build_skeleton(ckpt, arch, options.dtype)
     blocks = decoder_blocks(model, arch)
     inputs = None
     if tokens is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ def staged_output(out: Path, overwrite: bool, source: Path | None = None) -> Ite
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    _publish_permissions(stage)
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
         out.rename(trash / out.name)
@@ -57,6 +59,15 @@ def staged_output(out: Path, overwrite: bool, source: Path | None = None) -> Ite
         shutil.rmtree(trash, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+def _publish_permissions(stage: Path) -> None:
+    """mkdtemp and safetensors create private (0700/0600) entries; give them the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)
+    for f in stage.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def copy_aux_files(source: Path, dest: Path) -> None:

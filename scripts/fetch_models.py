@@ -121,12 +121,14 @@ def convert(gguf, out):
         # checkpoint does not reload as plain bf16 (transformers 5.x).
         model.hf_quantizer.remove_quantization_config(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the final dir should be readable by others
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
+        # mkdtemp (0700) and save_pretrained (0600 safetensors) are private; make it shareable
+        for p in [tmp, *tmp.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
         if out.exists():  # an incomplete earlier result; replace it
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -8,6 +8,7 @@ model with recorders standing in for its blocks.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +22,11 @@ from qconvert.model.checkpoint import Checkpoint
 from qconvert.model.moe import unfuse_experts
 
 
-def build_skeleton(ckpt: Checkpoint, arch: Architecture) -> PreTrainedModel:
+def build_skeleton(ckpt: Checkpoint, arch: Architecture, dtype: torch.dtype) -> PreTrainedModel:
+    """The model on the meta device; real buffers (rotary frequencies, embedding scales) in `dtype`."""
     config = AutoConfig.from_pretrained(ckpt.path)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=arch.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=arch.attn_implementation, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -66,8 +68,18 @@ def load_block(
     return originals
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS; glibc otherwise keeps each block's freed tensors
+    as fragmented heap, and resident memory creeps up by about a block per layer."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def unload_block(block: nn.Module) -> None:
     block.to("meta")
+    _malloc_trim()
 
 
 @dataclass

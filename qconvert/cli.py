@@ -1,0 +1,205 @@
+"""Command line: flags -> a request -> the library. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from qconvert import __version__
+from qconvert.errors import QConvertError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a Hugging Face checkpoint into quantized checkpoints that real engines load.",
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+Model = Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face hub id.")]
+Output = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output directory (default: MODEL-METHOD-wBITSgGROUP in the current folder).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Samples = Annotated[int, typer.Option("--samples", help="Calibration / evaluation windows.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for the calibration windows.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+
+
+def _command_line(ctx: typer.Context) -> str:
+    return shlex.join(["qconvert", *ctx.obj["argv"]])
+
+
+def _default_output(model: str, suffix: str) -> Path:
+    return Path(f"{Path(model).name or 'model'}-{suffix}")
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        stdout.print_json(json.dumps(summary))
+        return
+    stdout.print(
+        f"wrote [bold]{summary['output']}[/] ({summary['output_bytes'] / 2**20:.1f} MiB, "
+        f"mean weight error {summary['mean_weight_error']:.3e}, {summary['seconds']:.1f} s)"
+    )
+
+
+@app.command()
+def rtn(
+    ctx: typer.Context,
+    model: Model,
+    output: Output = None,
+    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits: 4 or 8.")] = 4,
+    group: Annotated[int, typer.Option("--group", help="Group size: 32, 64, 128, or -1 per channel.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric.")] = True,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Optional: calibration text to measure each layer's output error on.")] = None,
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """Round-to-nearest weight-only int4/int8, written as compressed-tensors pack-quantized."""
+    from qconvert.algorithms.rtn import RTNConfig
+    from qconvert.pipeline import Calibration, Request
+
+    config = RTNConfig(bits=w_bit, group_size=group, symmetric=sym)
+    out = output or _default_output(model, f"rtn-w{w_bit}g{group}")
+    calibration = Calibration(dataset, samples, seq_len, seed) if dataset else None
+    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx)), quiet, json_out)
+
+
+def _convert(request, quiet: bool, json_out: bool) -> None:
+    from qconvert.model.checkpoint import Checkpoint, resolve_model
+    from qconvert.output import check_output
+    from qconvert.pipeline import run
+    from qconvert.progress import layer_progress
+
+    check_output(request.output, request.overwrite)  # fail before any loading
+    layers = Checkpoint(resolve_model(request.model)).config_dict.get("num_hidden_layers", 0)
+    with layer_progress(layers, f"{request.method} {request.model}", quiet) as on_layer:
+        summary = run(request, on_layer)
+    _print_summary(summary, json_out)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Checkpoint or qconvert output to score.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Unquantized model for KL divergence and top-1 agreement.")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", help="Held-out text: bundled set name, file, or hf:NAME.")] = "heldout",
+    samples: Samples = 40,
+    seq_len: SeqLen = 512,
+    device: Device = "auto",
+    json_out: Json = False,
+):
+    """Perplexity on held-out text; with --base, KL divergence and top-1 agreement against it."""
+    from dataclasses import asdict
+
+    from qconvert.calibration.datasets import load_texts
+    from qconvert.calibration.tokens import evaluation_windows
+    from qconvert.eval.loader import load_model
+    from qconvert.eval.metrics import evaluate as score
+    from qconvert.pipeline import resolve_device
+
+    dev, _ = resolve_device(device)
+    import torch
+
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    quant, tokenizer = load_model(model, dtype, dev)
+    base_model = load_model(base, dtype, dev)[0] if base else None
+    windows = evaluation_windows(load_texts(dataset, tokenizer), tokenizer, samples, seq_len)
+    result = asdict(score(quant, windows, base_model))
+    result.update(model=model, base=base, dataset=dataset, seq_len=seq_len)
+    if json_out:
+        stdout.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{model} on {dataset} ({result['windows']} x {seq_len} tokens)")
+    for key in ("perplexity", "base_perplexity", "kl_divergence", "top1_agreement", "tokens"):
+        if result[key] is not None:
+            table.add_row(key.replace("_", " "), f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))
+    stdout.print(table)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="Checkpoint directory or hub id.")],
+    json_out: Json = False,
+):
+    """What a checkpoint is: architecture, layers, dtype, size, quantization per module."""
+    from qconvert.inspect import describe
+    from qconvert.model.checkpoint import resolve_model
+
+    info = describe(resolve_model(path))
+    if json_out:
+        stdout.print_json(json.dumps(info))
+        return
+    table = Table(title=info["path"], show_header=False)
+    table.add_row("model type", str(info["model_type"]))
+    table.add_row("architectures", ", ".join(info["architectures"] or []))
+    for key, value in info["config"].items():
+        table.add_row(key.replace("_", " "), str(value))
+    table.add_row("dtype", str(info["dtype"]))
+    table.add_row("tensor dtypes", ", ".join(f"{k} x{v}" for k, v in info["tensor_dtypes"].items()))
+    table.add_row("parameters", f"{info['parameters'] / 1e6:.1f} M")
+    table.add_row("size on disk", f"{info['size_bytes'] / 2**20:.1f} MiB")
+    q = info["quantization"]
+    table.add_row("quantization", "none" if q is None else f"{q['quant_method']} ({q['format']})")
+    stdout.print(table)
+    if q and q["by_type"]:
+        modules = Table("modules", "scheme", "count", title="quantized modules")
+        for row in q["by_type"]:
+            modules.add_row(row["modules"], row["scheme"], str(row["count"]))
+        stdout.print(modules)
+        stdout.print(f"not quantized: {', '.join(q['ignore'] or []) or '-'}")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False):
+    if version:
+        stdout.print(f"qconvert {__version__}")
+        raise typer.Exit()
+
+
+def run(argv: list[str]) -> int:
+    """Run the command line on argv; returns the exit code (2 for a user error, one line on stderr)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        app(args=argv, prog_name="qconvert", standalone_mode=False, obj={"argv": argv})
+        return 0
+    except QConvertError as exc:
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        stderr.print("[bold red]aborted[/]")
+        return 1
+    except typer.TyperException as exc:  # usage errors: typer prints them with the usage line
+        exc.show()
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        stderr.print("[bold red]interrupted[/]")
+        return 130
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=stderr, show_time=False, show_path=False)])
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Evaluation of written outputs: perplexity and KL divergence against the base model."""

@@ -1,0 +1,37 @@
+"""Terminal output: a progress bar over layers with a line per layer, on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from qconvert.engine import LayerReport
+
+stderr = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def layer_progress(total: int, label: str, quiet: bool) -> Iterator:
+    """Yields the engine's on_layer callback."""
+    if quiet:
+        yield lambda report: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+
+        def on_layer(report: LayerReport) -> None:
+            line = f"layer {report.index + 1:>3}/{total}  weight err {report.weight_error:.3e}"
+            if report.output_error is not None:
+                line += f"  output err {report.output_error:.3e}"
+            line += f"  {report.seconds:.2f} s"
+            if report.uncalibrated:
+                line += f"  [yellow]{len(report.uncalibrated)} linear(s) without calibration tokens (RTN)[/]"
+            progress.console.print(line)
+            progress.advance(task)
+
+        yield on_layer

@@ -1,0 +1,49 @@
+"""Our streaming safetensors writer produces files the safetensors library reads back exactly."""
+
+import json
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qconvert.formats.shards import ShardWriter
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.bf16": torch.randn(33, 7, generator=g).to(torch.bfloat16),
+        "b.f32": torch.randn(5, generator=g),
+        "c.i32": torch.randint(-2**31, 2**31 - 1, (4, 9), dtype=torch.int32, generator=g),
+        "d.i64": torch.tensor([3, 1024]),
+        "e.u8": torch.randint(0, 255, (17,), dtype=torch.uint8, generator=g),
+        "f.scalar": torch.tensor(2.5, dtype=torch.float16),
+        "g.transposed": torch.randn(6, 4, generator=g).T,  # not contiguous
+        "h.fp8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
+    }
+
+
+def test_single_file(tmp_path):
+    writer = ShardWriter(tmp_path)
+    for name, t in _tensors().items():
+        writer.add(name, t)
+    assert writer.finish() == ["model.safetensors"]
+    back = load_file(tmp_path / "model.safetensors")
+    for name, t in _tensors().items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_shards_and_index(tmp_path):
+    writer = ShardWriter(tmp_path, max_shard_bytes=300)
+    for name, t in _tensors().items():
+        writer.add(name, t)
+    files = writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _tensors().values())
+    for name, t in _tensors().items():
+        got = load_file(tmp_path / index["weight_map"][name])[name]
+        assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
