@@ -24,6 +24,7 @@ from qconvert.model.blocks import (
     build_skeleton,
     capture_block_inputs,
     decoder_blocks,
+    final_norm,
     load_block,
     run_block,
     unload_block,
@@ -93,18 +94,37 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp(min=1e-30))
 
 
-def _count_tokens(groups) -> tuple[dict[str, int], list]:
-    counts: dict[str, int] = defaultdict(int)
+@dataclass
+class Observation:
+    """What one linear saw of the calibration data: its token count, and the algorithm's statistics."""
 
-    def hook(name):
+    tokens: int = 0
+    stats: object | None = None  # anything with update(x: Tensor[..., in])
+
+
+def _observe(groups, make_stats: Callable[[str, torch.nn.Linear], object | None]):
+    """Forward pre-hooks on every linear of `groups`; returns (name -> Observation, handles)."""
+    seen: dict[str, Observation] = {}
+
+    def hook(obs: Observation):
         def fn(_module, args):
             x = args[0]
-            counts[name] += x.numel() // x.shape[-1]
+            obs.tokens += x.numel() // x.shape[-1]
+            if obs.stats is not None:
+                obs.stats.update(x)
 
         return fn
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for group in groups for name, lin in group]
-    return counts, handles
+    handles = []
+    for group in groups:
+        for name, linear in group:
+            seen[name] = Observation(stats=make_stats(name, linear))
+            handles.append(linear.register_forward_pre_hook(hook(seen[name])))
+    return seen, handles
+
+
+def _no_stats(name, linear):
+    return None
 
 
 def convert(
@@ -131,16 +151,16 @@ def convert(
         originals = load_block(block, ckpt, arch, index, options.device, options.dtype)
         groups = arch.linear_groups(block)
         report = LayerReport(index, 0.0)
-        reference, counts = None, None
+        reference, seen = None, None
         if inputs is not None:
-            counts, handles = _count_tokens(groups)
+            seen, handles = _observe(groups, _no_stats)
             reference = run_block(block, index, inputs)
             for h in handles:
                 h.remove()
         written = set()
         for group in groups:
             for name, linear in group:
-                tokens_seen = None if counts is None else counts.get(name, 0)
+                tokens_seen = None if seen is None else seen[name].tokens
                 if tokens_seen == 0:
                     report.uncalibrated.append(name)
                 w = linear.weight
@@ -172,3 +192,43 @@ def convert(
         if not name.startswith(layer_prefix):
             writer.add_tensor(name, ckpt.get(name))
     return reports
+
+
+@torch.no_grad()
+def calibrate(
+    ckpt: Checkpoint,
+    arch: Architecture,
+    tokens: torch.Tensor,
+    options: EngineOptions,
+    make_stats: Callable[[str, torch.nn.Linear], object],
+    on_layer: Callable[[LayerReport], None] = lambda r: None,
+) -> dict[str, Observation]:
+    """Run the calibration data through the unquantized model block by block and return what
+    every linear saw, keyed by its checkpoint weight name (lm_head's input included)."""
+    model = build_skeleton(ckpt, arch, options.dtype)
+    blocks = decoder_blocks(model, arch)
+    inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
+    observed: dict[str, Observation] = {}
+    for index, block in enumerate(blocks):
+        start = time.perf_counter()
+        load_block(block, ckpt, arch, index, options.device, options.dtype)
+        groups = arch.linear_groups(block)
+        seen, handles = _observe(groups, make_stats)
+        inputs.hidden = run_block(block, index, inputs)
+        for h in handles:
+            h.remove()
+        unload_block(block)
+        for name, obs in seen.items():
+            observed[arch.to_file(f"{arch.layers}.{index}.{name}.weight")] = obs
+        report = LayerReport(index, time.perf_counter() - start,
+                             uncalibrated=[n for n, o in seen.items() if o.tokens == 0])
+        on_layer(report)
+    head = model.get_output_embeddings()
+    obs = Observation(stats=make_stats("lm_head", head))
+    norm = final_norm(model, ckpt, options)
+    for hidden in inputs.hidden:
+        x = norm(hidden)
+        obs.tokens += x.numel() // x.shape[-1]
+        obs.stats.update(x)
+    observed["lm_head.weight"] = obs
+    return observed

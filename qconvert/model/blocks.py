@@ -77,6 +77,16 @@ def _malloc_trim() -> None:
         pass
 
 
+def final_norm(model: PreTrainedModel, ckpt: Checkpoint, options) -> nn.Module:
+    """The norm between the last block and lm_head, loaded (it is tiny)."""
+    inner = getattr(model, model.base_model_prefix)
+    prefix = f"{model.base_model_prefix}.norm."
+    norm = inner.norm
+    for name, _ in list(norm.named_parameters()):
+        _set_param(norm, name, ckpt.get(prefix + name).to(device=options.device, dtype=options.dtype))
+    return norm
+
+
 def unload_block(block: nn.Module) -> None:
     block.to("meta")
     _malloc_trim()
