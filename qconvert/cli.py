@@ -96,6 +96,50 @@ def _convert(request, quiet: bool, json_out: bool) -> None:
     _print_summary(summary, json_out)
 
 
+@app.command()
+def gguf(
+    ctx: typer.Context,
+    model: Model,
+    type_name: Annotated[str, typer.Argument(metavar="TYPE", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+                                             "Q2_K, Q3_K_S/M/L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL-TYPE.gguf).")] = None,
+    imatrix: Annotated[bool, typer.Option("--imatrix", help="Compute an importance matrix from --dataset.")] = False,
+    imatrix_file: Annotated[Optional[Path], typer.Option("--imatrix-file", help="Use llama.cpp's imatrix file.")] = None,
+    save_imatrix: Annotated[Optional[Path], typer.Option("--save-imatrix", help="Also write the imatrix used.")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", help="Calibration text for --imatrix.")] = "mixed",
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """One step from a Hugging Face checkpoint to a GGUF file llama.cpp and Ollama run (byte-identical to
+    llama.cpp's converter + llama-quantize)."""
+    from qconvert.gguf_pipeline import GGUFRequest, parse_type, run
+    from qconvert.model.checkpoint import Checkpoint, resolve_model
+    from qconvert.output import check_output
+    from qconvert.pipeline import Calibration
+    from qconvert.progress import layer_progress, tensor_progress
+
+    type_name = parse_type(type_name)
+    out = output or Path(f"{Path(model).name or 'model'}-{type_name}.gguf")
+    check_output(out, overwrite)
+    request = GGUFRequest(model, out, type_name, imatrix, imatrix_file, save_imatrix,
+                          Calibration(dataset, samples, seq_len, seed), device, overwrite, _command_line(ctx))
+    config = Checkpoint(resolve_model(model)).config_dict
+    with layer_progress(config.get("num_hidden_layers", 0), "imatrix", quiet or not imatrix) as on_layer, \
+            tensor_progress(None, f"gguf {type_name}", quiet) as on_tensor:
+        summary = run(request, on_layer, on_tensor)
+    if json_out:
+        stdout.print_json(json.dumps(summary))
+        return
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items()))
+    stdout.print(f"wrote [bold]{summary['output']}[/] ({summary['output_bytes'] / 2**20:.1f} MiB, {types}, "
+                 f"{summary['seconds']:.1f} s)")
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Argument(help="Checkpoint or qconvert output to score.")],

@@ -39,13 +39,17 @@ def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None
         raise QConvertError(f"{out}: already exists (pass --overwrite to replace it)")
 
 
-@contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool, source: Path | None = None) -> Iterator[Path]:
-    """Yield a staging folder next to `out`; on success it replaces `out`, on failure it is removed."""
+def _new_stage(out: Path, overwrite: bool, source: Path | None) -> tuple[Path, Path]:
     check_output(out, overwrite, source)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool, source: Path | None = None) -> Iterator[Path]:
+    """Yield a staging folder next to `out`; on success it replaces `out`, on failure it is removed."""
+    out, stage = _new_stage(out, overwrite, source)
     try:
         yield stage
     except BaseException:
@@ -59,6 +63,18 @@ def staged_output(out: Path, overwrite: bool, source: Path | None = None) -> Ite
         shutil.rmtree(trash, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+@contextlib.contextmanager
+def staged_file(out: Path, overwrite: bool, source: Path | None = None) -> Iterator[Path]:
+    """Like staged_output for a single file: yields its path inside a staging folder beside `out`."""
+    out, stage = _new_stage(out, overwrite, source)
+    try:
+        yield stage / out.name
+        _publish_permissions(stage)
+        os.replace(stage / out.name, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _publish_permissions(stage: Path) -> None:

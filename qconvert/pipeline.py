@@ -66,7 +66,7 @@ def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
 IGNORE = ["lm_head", r"re:.*(mlp|block_sparse_moe)\.gate$", r"re:.*shared_expert_gate$"]
 
 
-def _load_tokenizer(path: Path):
+def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -85,7 +85,7 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
     tokens = None
     if request.calibration is not None:
         cal = request.calibration
-        tokenizer = _load_tokenizer(source)
+        tokenizer = load_tokenizer(source)
         tokens = calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
     options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size)
     with staged_output(request.output, request.overwrite, source) as stage:

@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qconvert.errors import QConvertError
-from qconvert.model import checkpoint
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 
 

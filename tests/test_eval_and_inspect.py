@@ -1,6 +1,5 @@
 """eval scores what is on disk; inspect describes a checkpoint from its headers."""
 
-import torch
 from safetensors.torch import load_file, save_file
 
 

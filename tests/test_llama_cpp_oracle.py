@@ -1,24 +1,12 @@
 """The llama.cpp oracle (qconvert.testing.llama_cpp) works: ggml quantizers through ctypes, the HF->GGUF
-converter, llama-quantize, and llama-cpp-python inference. Skipped only when llama.cpp was never built
-(`bash scripts/build_llama_cpp.sh`); CI builds it."""
+converter, llama-quantize, llama-imatrix, llama-perplexity, and llama-cpp-python inference. Skipped when
+llama.cpp was never built (`bash scripts/build_llama_cpp.sh`) and LLAMA_CPP_DIR is unset; CI builds it."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qconvert.testing.llama_cpp import OracleUnavailable, locate
-
-
-@pytest.fixture(scope="module")
-def oracle():
-    try:
-        return locate()
-    except OracleUnavailable as e:
-        pytest.skip(str(e))
 
 
 def _dequantize(raw: bytes, qtype, shape) -> np.ndarray:
@@ -52,41 +40,23 @@ def test_quantize_rows(oracle, qtype, rel_err):
         oracle.quantize_rows(int(t), x[:, :100])
 
 
-def _sentencepiece_tokenizer(model_dir: Path) -> None:
-    """Replace model_dir's byte-level BPE tokenizer with a SentencePiece one (tokenizer.model), the kind
-    convert_hf_to_gguf.py accepts for llama without a known pre-tokenizer hash."""
-    import sentencepiece as spm
-
-    from qconvert.calibration.datasets import load_texts
-
-    text = "\n".join(load_texts("mixed")[:12])
-    lines = [line for line in text.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(model_dir / "tokenizer"), vocab_size=512,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
-    (model_dir / "tokenizer.vocab").unlink()
-    for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
-        (model_dir / name).unlink(missing_ok=True)
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
-
-
 @pytest.fixture(scope="module")
 def tiny_llama_gguf(oracle, tmp_path_factory):
     from qconvert.testing.tiny_models import make_tiny_model
 
-    model_dir = make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", layers=2)
-    _sentencepiece_tokenizer(model_dir)
+    # SentencePiece: convert_hf_to_gguf.py rejects the default byte-level BPE (unknown pre-tokenizer hash)
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", layers=2, tokenizer="sentencepiece")
     out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
     oracle.convert_hf(model_dir, out, outtype="f32")
-    return out
+    return model_dir, out
 
 
 def test_convert_and_run(oracle, tiny_llama_gguf):
     import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir, tiny_llama_gguf = tiny_llama_gguf
     reader = gguf.GGUFReader(tiny_llama_gguf)
     assert reader.fields["general.architecture"].contents() == "llama"
     assert len(reader.tensors) == 3 + 2 * 9  # token_embd, output_norm, output (untied) + 9 per layer
@@ -96,14 +66,40 @@ def test_convert_and_run(oracle, tiny_llama_gguf):
     assert logits.shape == (len(tokens), 512)
     assert np.isfinite(logits).all() and logits.std() > 0
     assert np.array_equal(oracle.logits(tiny_llama_gguf, tokens), logits)  # cached model, reset between calls
+    # same tokens and (f32) logits as transformers
+    assert tokens == AutoTokenizer.from_pretrained(model_dir)("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([tokens])).logits[0]
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-2)
 
 
 def test_quantize_file(oracle, tiny_llama_gguf, tmp_path):
+    """llama-quantize's Q8_0 tensor bytes are exactly ggml_quantize_chunk's (the ctypes path)."""
     import gguf
 
+    _, tiny_llama_gguf = tiny_llama_gguf
     out = tmp_path / "tiny-q8_0.gguf"
     seconds = oracle.quantize_file(tiny_llama_gguf, out, "Q8_0")
     assert seconds > 0 and out.is_file()
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
-    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
-    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    f32 = {t.name: t for t in gguf.GGUFReader(tiny_llama_gguf).tensors}
+    q8 = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert q8["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    t = q8["blk.0.attn_q.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    expected = oracle.quantize_rows(int(t.tensor_type), np.asarray(f32[t.name].data))
+    assert bytes(np.asarray(t.data)) == expected
+
+
+def test_perplexity_imatrix(oracle, tiny_llama_gguf, tmp_path):
+    from qconvert.calibration.datasets import load_texts
+
+    _, tiny_llama_gguf = tiny_llama_gguf
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(load_texts("mixed")[:20]))
+    ppl = oracle.perplexity(tiny_llama_gguf, text, ctx=128, extra_args=("--chunks", "4"))
+    assert 50 < ppl < 5000  # random weights: about the vocabulary size
+    imatrix = oracle.imatrix(tiny_llama_gguf, text, tmp_path / "imatrix.gguf", ctx=128, extra_args=("--chunks", "4"))
+    plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
+    oracle.quantize_file(tiny_llama_gguf, plain, "Q4_K_M")
+    oracle.quantize_file(tiny_llama_gguf, weighted, "Q4_K_M", imatrix=imatrix)
+    assert plain.read_bytes() != weighted.read_bytes()

@@ -1,5 +1,6 @@
-"""Tiny random-weight models of every supported family, with a small BPE tokenizer trained on the
-bundled text. Widths are multiples of 128 so every group size applies."""
+"""Tiny random-weight models of every supported family, with a small tokenizer trained on the bundled
+text (byte-level BPE by default, or SentencePiece). Widths are multiples of 128 so every group size
+applies."""
 
 from __future__ import annotations
 
@@ -58,9 +59,35 @@ def train_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
+def train_sentencepiece_tokenizer(out_dir: Path):
+    """A SentencePiece BPE tokenizer (byte fallback, <unk>=0 <s>=1 </s>=2, prepends <s>) trained on the
+    bundled calibration text: tokenizer.model plus the Hugging Face files of a LlamaTokenizer."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(load_texts("mixed")[:40]), model_writer=model, vocab_size=VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1, minloglevel=2,
+        max_sentence_length=100000, input_sentence_size=0, shuffle_input_sentence=False)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    tok = LlamaTokenizer.from_pretrained(out_dir, add_bos_token=True)
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(out_dir)
+    return tok
+
+
 def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, seed: int = 0,
-                    dtype: torch.dtype = torch.bfloat16, tokenizer_dir: Path | None = None, **overrides) -> Path:
-    """Save a random `arch` model (and tokenizer) to out_dir; returns out_dir."""
+                    dtype: torch.dtype = torch.bfloat16, tokenizer_dir: Path | None = None,
+                    tokenizer: str = "bpe", **overrides) -> Path:
+    """Save a random `arch` model (and tokenizer) to out_dir; returns out_dir.
+
+    tokenizer: "bpe" (byte-level BPE, tokenizer.json only) or "sentencepiece" (tokenizer.model plus its
+    Hugging Face files); ignored when tokenizer_dir gives one to copy."""
     out_dir = Path(out_dir)
     kwargs = {**COMMON, **CONFIGS[arch], "num_hidden_layers": layers, **overrides}
     config = AutoConfig.for_model(arch, **kwargs)
@@ -73,6 +100,10 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, seed: i
     model.save_pretrained(out_dir)
     if tokenizer_dir is not None:
         PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    else:
+    elif tokenizer == "sentencepiece":
+        train_sentencepiece_tokenizer(out_dir)
+    elif tokenizer == "bpe":
         train_tokenizer(out_dir)
+    else:
+        raise ValueError(f"unknown tokenizer kind {tokenizer!r} (bpe, sentencepiece)")
     return out_dir

@@ -1,0 +1,125 @@
+"""A quantized GGUF file exactly as llama.cpp makes it: its converter to the lossless intermediate
+type (the checkpoint's own dtype), then llama-quantize.
+
+What llama-quantize changes relative to the converter's file (llama-quant.cpp,
+llama_model_quantize_impl): tensors are re-ordered (quantizer_order), each quantizable tensor gets
+its mixture type, the others keep the intermediate type, and general.quantization_version then
+general.file_type are set again, which moves them to the end of the key list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q, LlamaFileType
+
+from qconvert.errors import QConvertError
+from qconvert.formats.gguf import quants
+from qconvert.formats.gguf.convert import GGUFPlan, TensorSpec, encode_float, tensor_data
+from qconvert.formats.gguf.convert.plan import OUTPUT_FILE_TYPES
+from qconvert.formats.gguf.imatrix import Imatrix
+from qconvert.formats.gguf.mixtures import ModelFacts, TensorInfo, quantizer_order, tensor_types
+
+INTERMEDIATE = {torch.bfloat16: Q.BF16, torch.float16: Q.F16, torch.float32: Q.F32}
+_ROUND = {Q.BF16: torch.bfloat16, Q.F16: torch.float16}
+
+
+def model_facts(plan: GGUFPlan) -> ModelFacts:
+    kv = {k: v for k, v, _ in plan.kv}
+
+    def hp(key, default=0):
+        value = kv.get(f"{plan.arch}.{key}", default)
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    return ModelFacts(plan.arch, hp("block_count"), hp("attention.head_count"),
+                      hp("attention.head_count_kv", hp("attention.head_count")), hp("expert_count"))
+
+
+def imatrix_kv(imatrix: Imatrix, file: str | None) -> list[tuple]:
+    """The keys llama-quantize adds when it is given an imatrix (its kv overrides, in that order;
+    strings are cut to 127 bytes as there)."""
+    string, u32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
+    kv = [("quantize.imatrix.file", file[:127], string)] if file else []
+    if imatrix.datasets:
+        kv.append(("quantize.imatrix.dataset", imatrix.datasets[0][:127], string))
+    kv.append(("quantize.imatrix.entries_count", len(imatrix.entries), u32))
+    if imatrix.chunk_count > 0:
+        kv.append(("quantize.imatrix.chunks_count", imatrix.chunk_count, u32))
+    return kv
+
+
+def quantized_kv(plan: GGUFPlan, intermediate: Q, ftype: LlamaFileType, extra: list[tuple] = ()) -> list[tuple]:
+    """The converter's keys, then those llama-quantize sets again (which moves them to the end)."""
+    again = [(gguf.Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32),
+             (gguf.Keys.General.FILE_TYPE, int(ftype), gguf.GGUFValueType.UINT32), *extra]
+    moved = {key for key, _, _ in again}
+    kv = [item for item in plan.kv_for(OUTPUT_FILE_TYPES[intermediate.name]) if item[0] not in moved]
+    return kv + again
+
+
+def plan_types(plan: GGUFPlan, intermediate: Q, ftype: LlamaFileType, has_imatrix: bool) -> dict[str, Q]:
+    infos = [TensorInfo(s.gguf_name, s.shape, Q.F32 if s.is_1d_f32 else intermediate) for s in plan.tensors]
+    return tensor_types(infos, ftype, model_facts(plan), has_imatrix)
+
+
+def _imatrix_for(spec: TensorSpec, imatrix: Imatrix | None) -> torch.Tensor | None:
+    if imatrix is None:
+        return None
+    values = imatrix.values(spec.gguf_name)
+    if values is None:
+        return None
+    n_mat = spec.shape[2] if len(spec.shape) == 3 else 1
+    if values.size != spec.shape[0] * n_mat:
+        raise QConvertError(f"imatrix entry {spec.gguf_name} has {values.size} values, the tensor needs "
+                            f"{spec.shape[0] * n_mat} ({n_mat} x {spec.shape[0]})")
+    return torch.from_numpy(values).reshape(n_mat, spec.shape[0])
+
+
+def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imatrix: Imatrix | None,
+           device: torch.device) -> np.ndarray:
+    """The tensor's bytes in qtype, computed from its values in the intermediate type."""
+    if qtype in (Q.F32, Q.F16, Q.BF16) and (qtype == intermediate or qtype == Q.F32):
+        return encode_float(data, qtype)
+    if intermediate in _ROUND:  # llama-quantize reads the intermediate file's rounded values
+        data = data.to(_ROUND[intermediate]).float()
+    mats = data.reshape(-1, data.shape[-2], data.shape[-1])
+    weights = _imatrix_for(spec, imatrix)
+    out = []
+    for i, w in enumerate(mats):  # one matrix (expert) at a time, each with its own importance
+        im = None if weights is None else weights[i].to(device)
+        out.append(quants.quantize(w.to(device), qtype, im).cpu())
+    return torch.cat(out).numpy()
+
+
+def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path, ftype: LlamaFileType,
+          intermediate: Q, imatrix: Imatrix | None = None, imatrix_file: str | None = None,
+          device: torch.device = torch.device("cpu"),
+          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None) -> dict[str, Q]:
+    """Write the quantized file; returns the type chosen for every tensor. imatrix_file: the path
+    to record in the file's metadata, as the user gave it to llama-quantize."""
+    types = plan_types(plan, intermediate, ftype, imatrix is not None)
+    by_name = {s.gguf_name: s for s in plan.tensors}
+    order = [by_name[n] for n in quantizer_order(list(by_name))]
+    writer = gguf.GGUFWriter(str(out_path), arch=plan.arch)
+    extra = imatrix_kv(imatrix, imatrix_file) if imatrix is not None else []
+    for key, value, vtype in quantized_kv(plan, intermediate, ftype, extra):
+        if key != gguf.Keys.General.ARCHITECTURE:  # GGUFWriter wrote it first, as the converter does
+            writer.add_key_value(key, value, vtype)
+    for spec in order:
+        qtype = types[spec.gguf_name]
+        writer.add_tensor_info(spec.gguf_name, spec.torch_shape, np.dtype(np.float32),
+                               quants.row_bytes(qtype, spec.shape[0]) * (spec.n_elements // spec.shape[0]),
+                               raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for spec in order:
+        qtype = types[spec.gguf_name]
+        writer.write_tensor_data(encode(spec, tensor_data(spec, loader), qtype, intermediate, imatrix, device))
+        on_tensor(spec.gguf_name, qtype)
+    writer.close()
+    return types

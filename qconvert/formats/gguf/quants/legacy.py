@@ -1,0 +1,149 @@
+"""Legacy 32-element block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+
+Without an imatrix ggml uses quantize_row_*_ref (one pass, no search); with one,
+quantize_row_*_impl (weights qw * sqrt(sigma2 + x^2), sigma2 = mean x^2 over the whole row, then
+make_qx_quants for the symmetric types and make_qkx3_quants for the ones with a min). Q8_0 ignores
+the imatrix.
+
+Each function maps x [R, cols] float32 (+ imatrix [cols]) to uint8 [R, cols/32 * block bytes].
+"""
+
+from __future__ import annotations
+
+import gguf
+import torch
+
+from .common import (
+    bit_field, bits, div, first_absmax, first_max, first_min, ne, put, put_f16, recip, roundf_, select,
+    seq_sum, sqrt, to_int32_x86, int32_bytes,
+)
+from .search import make_qkx, make_qx_quants
+
+QK = 32
+T = gguf.GGMLQuantizationType
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    R, cols = x.shape
+    return x.reshape(R, cols // QK, QK)
+
+
+def _out(x: torch.Tensor, qtype) -> torch.Tensor:
+    R, cols = x.shape
+    return torch.empty((R, cols // QK, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8, device=x.device)
+
+
+def _flat(out: torch.Tensor) -> torch.Tensor:
+    return out.reshape(out.shape[0], -1)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """C: `const float id = d ? 1.0f/d : 0.0f;`"""
+    return select(bits(ne(d, 0.0)), recip(d), 0.0)
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q[..., 32] ints -> qs[j] = (q[j] & 15) | (q[j+16] & 15) << 4 (16 bytes)."""
+    return (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """qh (uint32 little-endian): bit j = bit 4 of q[j]."""
+    return int32_bytes(bit_field(q, 4))
+
+
+# ---- reference (no imatrix) paths ----------------------------------------------------------------
+
+def q8_0(x: torch.Tensor, imatrix=None) -> torch.Tensor:
+    # block layout: ggml block_q8_0 {half d; int8 qs[32]}
+    xb, out = _blocks(x), _out(x, T.Q8_0)
+    d = div(xb.abs().amax(-1), 127.0)
+    v = roundf_(xb * _inverse(d).unsqueeze(-1))
+    put(out, 2, to_int32_x86(v).bitwise_and_(0xFF))      # the conversion truncates: roundf
+    put_f16(out, 0, d)
+    return _flat(out)
+
+
+def _symmetric_ref(x, qtype, nmax):
+    # block layouts: ggml block_q4_0 {half d; uint8 qs[16]}, block_q5_0 {half d; uint8 qh[4]; uint8 qs[16]}
+    xb, out = _blocks(x), _out(x, qtype)
+    d = div(first_absmax(xb, -1)[1], float(-nmax))
+    # MIN(2*nmax - 1, (int8_t)(x*id + nmax + 0.5f)): the conversion truncates toward zero
+    # (an out-of-range value gives INT_MIN, whose low bits are those of (int8_t) 0)
+    q = to_int32_x86((xb * _inverse(d).unsqueeze(-1)).add_(nmax + 0.5)).clamp_(max=2 * nmax - 1)
+    put_f16(out, 0, d)
+    if nmax == 16:
+        put(out, 2, _high_bits(q))
+    put(out, out.shape[-1] - 16, _nibbles(q))
+    return _flat(out)
+
+
+def _affine_ref(x, qtype, nmax):
+    # block layouts: ggml block_q4_1 {half d, m; uint8 qs[16]}, block_q5_1 {half d, m; uint8 qh[4]; uint8 qs[16]}
+    xb, out = _blocks(x), _out(x, qtype)
+    mn = first_min(xb, -1)
+    d = div(first_max(xb, -1) - mn, float(nmax))
+    q = to_int32_x86((xb - mn.unsqueeze(-1)).mul_(_inverse(d).unsqueeze(-1)).add_(0.5))
+    if nmax == 15:
+        q.clamp_(max=15)                                 # MIN(15, (int8_t)(v + 0.5f))
+    # (Q5_1 stores (uint8_t)(v + 0.5f) unclamped: only the low bits are used below)
+    put_f16(out, 0, d)
+    put_f16(out, 2, mn)
+    if nmax == 31:
+        put(out, 4, _high_bits(q))
+    put(out, out.shape[-1] - 16, _nibbles(q))
+    return _flat(out)
+
+
+# ---- imatrix paths -------------------------------------------------------------------------------
+
+def _weighted(x: torch.Tensor, imatrix: torch.Tensor):
+    """x as [32, R, nb] plus the weights qw * sqrt(sigma2 + x^2), sigma2 = (sum over the row of x^2) / cols."""
+    R, cols = x.shape
+    sq_t = (x * x).t().contiguous()                    # [cols, R], summed in column order
+    sigma2 = div(seq_sum(sq_t), float(cols))           # [R]
+    xt = _blocks(x).permute(2, 0, 1).contiguous()      # [32, R, nb]
+    qw = imatrix.reshape(cols // QK, QK).t().unsqueeze(1)   # [32, 1, nb]
+    weight = qw * sqrt((xt * xt).add_(sigma2.view(1, R, 1)))
+    return xt, weight
+
+
+def _symmetric_imatrix(x, imatrix, qtype, nmax):
+    xt, weight = _weighted(x, imatrix)
+    d, L = make_qx_quants(xt, nmax, weight)
+    q = L.permute(1, 2, 0)                             # [R, nb, 32]
+    out = _out(x, qtype)
+    put_f16(out, 0, d)
+    if nmax == 16:
+        put(out, 2, _high_bits(q))
+    put(out, out.shape[-1] - 16, _nibbles(q))
+    return _flat(out)
+
+
+def _affine_imatrix(x, imatrix, qtype, nmax):
+    xt, weight = _weighted(x, imatrix)
+    d, the_min, L = make_qkx(xt, weight, nmax, -0.9, 0.05, 36, False)
+    q = L.permute(1, 2, 0)
+    out = _out(x, qtype)
+    put_f16(out, 0, d)
+    put_f16(out, 2, -the_min)
+    if nmax == 31:
+        put(out, 4, _high_bits(q))
+    put(out, out.shape[-1] - 16, _nibbles(q))
+    return _flat(out)
+
+
+def q4_0(x, imatrix=None):
+    return _symmetric_ref(x, T.Q4_0, 8) if imatrix is None else _symmetric_imatrix(x, imatrix, T.Q4_0, 8)
+
+
+def q5_0(x, imatrix=None):
+    return _symmetric_ref(x, T.Q5_0, 16) if imatrix is None else _symmetric_imatrix(x, imatrix, T.Q5_0, 16)
+
+
+def q4_1(x, imatrix=None):
+    return _affine_ref(x, T.Q4_1, 15) if imatrix is None else _affine_imatrix(x, imatrix, T.Q4_1, 15)
+
+
+def q5_1(x, imatrix=None):
+    return _affine_ref(x, T.Q5_1, 31) if imatrix is None else _affine_imatrix(x, imatrix, T.Q5_1, 31)

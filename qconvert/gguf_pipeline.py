@@ -1,0 +1,124 @@
+"""`qconvert gguf`: a Hugging Face checkpoint to a GGUF file of any common type in one step."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as Q
+
+from qconvert import __version__
+from qconvert.calibration.datasets import load_texts
+from qconvert.calibration.tokens import calibration_windows
+from qconvert.engine import EngineOptions, calibrate
+from qconvert.errors import QConvertError
+from qconvert.formats.gguf import imatrix as imx
+from qconvert.formats.gguf import quantized_file
+from qconvert.formats.gguf.convert import GGUFPlan, plan, write_gguf
+from qconvert.formats.gguf.mixtures import FILE_TYPES
+from qconvert.model.architectures import architecture_for
+from qconvert.model.checkpoint import Checkpoint, resolve_model
+from qconvert.output import staged_file
+from qconvert.pipeline import Calibration, load_tokenizer, resolve_device
+
+FLOAT_OUTPUTS = ("F32", "F16", "BF16")
+TYPES = tuple(FILE_TYPES)
+_STORAGE = {"BF16": Q.BF16, "F16": Q.F16, "F32": Q.F32}
+
+
+@dataclass(frozen=True)
+class GGUFRequest:
+    model: str
+    output: Path
+    type: str
+    imatrix: bool = False  # compute one from the calibration data
+    imatrix_file: Path | None = None  # or read llama.cpp's file
+    save_imatrix: Path | None = None
+    calibration: Calibration = Calibration("mixed")
+    device: str = "auto"
+    overwrite: bool = False
+    command: str = ""
+
+
+def parse_type(name: str) -> str:
+    upper = name.upper()
+    if upper not in TYPES:
+        raise QConvertError(f"unknown GGUF type '{name}' (choose from {', '.join(TYPES)})")
+    return upper
+
+
+def intermediate_type(ckpt: Checkpoint) -> Q:
+    """The checkpoint's own float type: llama.cpp's lossless conversion target before quantizing."""
+    weights = [n for n in ckpt.names() if len(ckpt.shape(n)) == 2]
+    dtypes = Counter(ckpt.dtype(n) for n in weights)
+    dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
+    if dtype not in _STORAGE:
+        raise QConvertError(f"{ckpt.path}: weights stored as {dtype}; GGUF conversion reads F32, F16 or BF16")
+    return _STORAGE[dtype]
+
+
+def collect_imatrix(ckpt: Checkpoint, gguf_plan: GGUFPlan, cal: Calibration, device: str, on_layer) -> imx.Imatrix:
+    """llama.cpp's importance matrix from qconvert's layer-by-layer calibration pass."""
+    arch = architecture_for(ckpt.model_type)
+    dev, dtype = resolve_device(device)
+    tokenizer = load_tokenizer(ckpt.path)
+    tokens = calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
+    observed = calibrate(ckpt, arch, tokens, EngineOptions(dev, dtype),
+                         lambda name, linear: imx.SquaredSums(linear.in_features, dev), on_layer)
+    sums = {}
+    for spec in gguf_plan.tensors:
+        mats = [observed[h] for h in spec.hf_names if h in observed]
+        if mats:
+            sums[spec.gguf_name] = [(o.stats.sums, o.tokens) for o in mats]
+    if "output.weight" not in sums and "lm_head.weight" in observed:  # tied: lm_head multiplies by token_embd
+        head = observed["lm_head.weight"]
+        sums["token_embd.weight"] = [(head.stats.sums, head.tokens)]
+    return imx.from_observations(sums, [cal.dataset], chunk_count=cal.samples, chunk_size=cal.seq_len)
+
+
+def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype: None) -> dict:
+    start = time.perf_counter()
+    type_name = parse_type(req.type)
+    is_float = type_name in FLOAT_OUTPUTS
+    if is_float and (req.imatrix or req.imatrix_file):
+        raise QConvertError(f"an importance matrix only applies to quantized types, not {type_name}")
+    if req.imatrix and req.imatrix_file:
+        raise QConvertError("give either --imatrix (compute one) or --imatrix-file, not both")
+    source = resolve_model(req.model)
+    ckpt = Checkpoint(source)
+    gguf_plan = plan(source)
+    importance = None
+    if req.imatrix_file:
+        importance = imx.read(req.imatrix_file)
+    elif req.imatrix:
+        importance = collect_imatrix(ckpt, gguf_plan, req.calibration, req.device, on_layer)
+    if req.save_imatrix and importance is not None:
+        imx.write(req.save_imatrix, importance)
+    with staged_file(req.output, req.overwrite, source) as tmp:
+        if is_float:
+            write_gguf(gguf_plan, ckpt.get, tmp, type_name)
+            types = {}
+        else:
+            dev, _ = resolve_device(req.device)
+            recorded = req.imatrix_file or req.save_imatrix
+            types = quantized_file.write(gguf_plan, ckpt.get, tmp, FILE_TYPES[type_name], intermediate_type(ckpt),
+                                         importance, str(recorded) if recorded else None, dev, on_tensor)
+    return {
+        "tool": f"qconvert {__version__}",
+        "command": req.command,
+        "source": req.model,
+        "output": str(req.output),
+        "type": type_name,
+        "architecture": gguf_plan.arch,
+        "tensors": len(gguf_plan.tensors),
+        "tensor_types": dict(Counter(t.name for t in types.values())) if types else {type_name: len(gguf_plan.tensors)},
+        "imatrix": None if importance is None else {
+            "entries": len(importance.entries),
+            "source": str(req.imatrix_file) if req.imatrix_file else asdict(req.calibration),
+        },
+        "source_bytes": ckpt.nbytes(),
+        "output_bytes": req.output.stat().st_size,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
