@@ -171,7 +171,7 @@ def evaluate(
     if json_out:
         stdout.print_json(json.dumps(result))
         return
-    table = Table(title=f"{model} on {dataset} ({result['windows']} x {seq_len} tokens)")
+    table = Table(title=f"{model} on {dataset} ({result['windows']} x {seq_len} tokens)", show_header=False)
     for key in ("perplexity", "base_perplexity", "kl_divergence", "top1_agreement", "tokens"):
         if result[key] is not None:
             table.add_row(key.replace("_", " "), f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))

@@ -80,7 +80,7 @@ def bench(name: str, model: Path, work: Path, threads: int, oracle, text: Path, 
             t_quant = None
         else:
             t_quant = oracle.quantize_file(bf16, ref, base_type, imatrix=imatrix if "+imatrix" in type_name else None,
-                                           extra_args=(str(threads),))
+                                           threads=threads)
             t_ref = t_convert + t_quant
         same = "yes" if sha(ours) == sha(ref) else "NO"
         ppl = "-" if skip_ppl else f"{oracle.perplexity(ours, text, ctx=512, extra_args=('--chunks', '40')):.3f}"

@@ -1,7 +1,9 @@
 """GGUF quantizers on a CUDA GPU: byte-identical to the CPU path (itself byte-identical to llama.cpp,
 tests/test_gguf_quants_match_llama_cpp.py) and the throughput of each, side by side on one machine.
 
-    python scripts/gguf_gpu_check.py [--rows 4096] [--cols 4096] [--cpu-threads N]
+    python scripts/gguf_gpu_check.py [--rows 4096] [--cols 4096]
+
+The CPU side is qconvert's own CPU path (which runs its elementwise kernels on one thread).
 """
 
 from __future__ import annotations
@@ -32,15 +34,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--cpu-threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
-    torch.set_num_threads(args.cpu_threads)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(args.rows, args.cols, generator=gen) * torch.exp(torch.randn(args.cols, generator=gen))
     imatrix = torch.rand(args.cols, generator=gen) * 10
     wg, ig = w.cuda(), imatrix.cuda()
     quantize(wg[:256], T.Q4_K, ig)  # warm-up: CUDA context and kernels
-    print(f"{torch.cuda.get_device_name()}; {args.rows}x{args.cols} float32; CPU threads {args.cpu_threads}")
+    print(f"{torch.cuda.get_device_name()}; {args.rows}x{args.cols} float32")
     print("| type | imatrix | identical CPU/GPU | CPU s | GPU s | GPU/CPU throughput |")
     print("|---|---|---|---|---|---|")
     failed = []

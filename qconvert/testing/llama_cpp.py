@@ -149,9 +149,10 @@ class Oracle:
         return Path(out_path)
 
     def quantize_file(self, inp: str | Path, out: str | Path, ftype: str, imatrix: str | Path | None = None,
-                      extra_args: tuple = ()) -> float:
-        """llama-quantize [--imatrix F] [extra_args] inp out ftype; returns its wall time in seconds."""
-        cmd = [self.bin / "llama-quantize", *(["--imatrix", imatrix] if imatrix else []), *extra_args, inp, out, ftype]
+                      extra_args: tuple = (), threads: int | None = None) -> float:
+        """llama-quantize [--imatrix F] [extra_args] inp out ftype [threads]; returns its wall time in seconds."""
+        cmd = [self.bin / "llama-quantize", *(["--imatrix", imatrix] if imatrix else []), *extra_args, inp, out, ftype,
+               *([threads] if threads else [])]
         t = time.perf_counter()
         _run(cmd)
         return time.perf_counter() - t
