@@ -86,13 +86,11 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
         raise QConvertError(f"an importance matrix only applies to quantized types, not {type_name}")
     if req.imatrix and req.imatrix_file:
         raise QConvertError("give either --imatrix (compute one) or --imatrix-file, not both")
+    importance = imx.read(req.imatrix_file) if req.imatrix_file else None  # cheap checks first
     source = resolve_model(req.model)
     ckpt = Checkpoint(source)
     gguf_plan = plan(source)
-    importance = None
-    if req.imatrix_file:
-        importance = imx.read(req.imatrix_file)
-    elif req.imatrix:
+    if req.imatrix:
         importance = collect_imatrix(ckpt, gguf_plan, req.calibration, req.device, on_layer)
     if req.save_imatrix and importance is not None:
         imx.write(req.save_imatrix, importance)

@@ -102,3 +102,13 @@ def test_unknown_device_and_dataset(tiny, qconvert, tmp_path):
     out = tmp_path / "out"
     _assert_refused(qconvert("rtn", tiny(), "-o", out, "--device", "tpu"), out, "--device tpu")
     _assert_refused(qconvert("rtn", tiny(), "-o", out, "--dataset", "nosuchset"), out, "unknown dataset 'nosuchset'")
+
+
+def test_gguf_bad_requests(tiny, qconvert, tmp_path):
+    out = tmp_path / "out.gguf"
+    _assert_refused(qconvert("gguf", tiny(), "Q4_Z", "-o", out), out, "unknown GGUF type 'Q4_Z'", "Q4_K_M")
+    _assert_refused(qconvert("gguf", tiny(), "F16", "-o", out, "--imatrix"), out, "only applies to quantized types")
+    # the tiny byte-level BPE tokenizer's pre-tokenizer is unknown to llama.cpp: refused like llama.cpp does
+    _assert_refused(qconvert("gguf", tiny(), "Q8_0", "-o", out), out, "pre-tokenizer", "probe hash")
+    _assert_refused(qconvert("gguf", tiny(), "Q8_0", "-o", out, "--imatrix-file", tmp_path / "none.dat"), out,
+                    "no such imatrix file")

@@ -11,7 +11,8 @@ from .architectures import FILE_TYPE, family_for, load_hparams
 from .kv import KVItem, KVList
 from .metadata import general_kv
 from .tensors import TensorSpec, parameter_counts, plan_tensors
-from .tokenizer import VOCABS, clear_caches
+from .special_tokens import clear_caches
+from .tokenizer import VOCABS
 
 # --outtype of llama.cpp's converter -> general.file_type (gguf.LlamaFileType)
 OUTPUT_FILE_TYPES = {"F32": int(gguf.LlamaFileType.ALL_F32), "F16": int(gguf.LlamaFileType.MOSTLY_F16),
