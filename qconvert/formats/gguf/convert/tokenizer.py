@@ -136,11 +136,9 @@ def _spm_piece_type(sp, i: int) -> int:
     return NORMAL
 
 
-def spm_tokens(model_dir: Path, hparams: dict) -> tuple[list[bytes], list[float], list[int]]:
-    """SentencePiece pieces + added tokens (added_tokens.json, tokenizer_config added_tokens_decoder),
-    padded with [PADi] up to the model's vocab_size."""
-    sp = _spm_processor(model_dir)
-    vocab_size = _find(hparams, ("vocab_size_per_layer_input", "vocab_size")) or sp.vocab_size()
+def _spm_pieces(sp, model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """The SentencePiece pieces padded with [PADi] up to vocab_size, then added_tokens.json's entries
+    as user-defined tokens."""
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [UNUSED] * vocab_size
@@ -152,6 +150,15 @@ def spm_tokens(model_dir: Path, hparams: dict) -> tuple[list[bytes], list[float]
         for text, i in read_json(model_dir / "added_tokens.json").items():
             if i < vocab_size:
                 tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, USER_DEFINED
+    return tokens, scores, types
+
+
+def spm_tokens(model_dir: Path, hparams: dict) -> tuple[list[bytes], list[float], list[int]]:
+    """SentencePiece pieces + added tokens (added_tokens.json, tokenizer_config added_tokens_decoder),
+    padded with [PADi] up to the model's vocab_size."""
+    sp = _spm_processor(model_dir)
+    vocab_size = _find(hparams, ("vocab_size_per_layer_input", "vocab_size")) or sp.vocab_size()
+    tokens, scores, types = _spm_pieces(sp, model_dir, vocab_size)
     if (model_dir / "tokenizer_config.json").is_file():
         decoder = read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
         for key, data in decoder.items():
@@ -187,18 +194,7 @@ def phi3_spm_vocab(kv: KVList, model_dir: Path, hparams: dict) -> None:
     """Phi-3's own SentencePiece reader: added tokens from tokenizer_config and tokenizer.json, marked
     user-defined or control by their `special` flag only, spaces kept as ▁."""
     sp = _spm_processor(model_dir)
-    vocab_size = hparams.get("vocab_size", sp.vocab_size())
-    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    types = [UNUSED] * vocab_size
-    for i in range(sp.vocab_size()):
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
-        scores[i] = sp.GetScore(i)
-        types[i] = _spm_piece_type(sp, i)
-    if (model_dir / "added_tokens.json").is_file():
-        for text, i in read_json(model_dir / "added_tokens.json").items():
-            if i < vocab_size:
-                tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, USER_DEFINED
+    tokens, scores, types = _spm_pieces(sp, model_dir, hparams.get("vocab_size", sp.vocab_size()))
     entries = []
     if (model_dir / "tokenizer_config.json").is_file():
         decoder = read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
