@@ -10,8 +10,6 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as Q
 
 from qconvert import __version__
-from qconvert.calibration.datasets import load_texts
-from qconvert.calibration.tokens import calibration_windows
 from qconvert.engine import EngineOptions, calibrate
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import imatrix as imx
@@ -21,7 +19,7 @@ from qconvert.formats.gguf.mixtures import FILE_TYPES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.output import staged_file
-from qconvert.pipeline import Calibration, load_tokenizer, resolve_device
+from qconvert.pipeline import Calibration, calibration_tokens, resolve_device
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
 TYPES = tuple(FILE_TYPES)
@@ -63,8 +61,7 @@ def collect_imatrix(ckpt: Checkpoint, gguf_plan: GGUFPlan, cal: Calibration, dev
     """llama.cpp's importance matrix from qconvert's layer-by-layer calibration pass."""
     arch = architecture_for(ckpt.model_type)
     dev, dtype = resolve_device(device)
-    tokenizer = load_tokenizer(ckpt.path)
-    tokens = calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
+    tokens = calibration_tokens(ckpt.path, cal)
     observed = calibrate(ckpt, arch, tokens, EngineOptions(dev, dtype),
                          lambda name, linear: imx.SquaredSums(linear.in_features, dev), on_layer)
     sums = {}

@@ -75,6 +75,12 @@ def load_tokenizer(path: Path):
         raise QConvertError(f"{path}: cannot load the tokenizer needed for calibration ({exc})") from None
 
 
+def calibration_tokens(model_dir: Path, cal: Calibration) -> torch.Tensor:
+    """The calibration windows [samples, seq_len], tokenized with the model's own tokenizer."""
+    tokenizer = load_tokenizer(model_dir)
+    return calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
+
+
 def run(request: Request, on_layer=lambda r: None) -> dict:
     """Convert request.model into request.output; returns the summary that report.json holds."""
     start = time.perf_counter()
@@ -82,11 +88,7 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
     ckpt = Checkpoint(source)
     arch = architecture_for(ckpt.model_type)
     device, dtype = resolve_device(request.device)
-    tokens = None
-    if request.calibration is not None:
-        cal = request.calibration
-        tokenizer = load_tokenizer(source)
-        tokens = calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
+    tokens = None if request.calibration is None else calibration_tokens(source, request.calibration)
     options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size)
     with staged_output(request.output, request.overwrite, source) as stage:
         writer = compressed_tensors.Writer(stage, request.max_shard_bytes)
