@@ -35,6 +35,9 @@ SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for the calibration windows.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+Dataset = Annotated[str, typer.Option("--dataset", help="Calibration text: bundled set name, .txt/.jsonl/.parquet "
+                                     "file, hf:NAME[:CONFIG][:SPLIT], or a .pt tensor of token ids [windows, seq_len].")]
+Format = Annotated[str, typer.Option("--format", help="Output layout: gptq or compressed-tensors.")]
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -81,6 +84,73 @@ def rtn(
     out = output or _default_output(model, f"rtn-w{w_bit}g{group}")
     calibration = Calibration(dataset, samples, seq_len, seed) if dataset else None
     _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx)), quiet, json_out)
+
+
+@app.command()
+def gptq(
+    ctx: typer.Context,
+    model: Model,
+    output: Output = None,
+    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits: 4 or 8 (2, 3 with --format gptq).")] = 4,
+    group: Annotated[int, typer.Option("--group", help="Group size: 32, 64, 128, or -1 per channel.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric.")] = True,
+    act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns by descending Hessian diagonal.")] = False,
+    static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix the groups up front "
+                                                 "in the original column order (no g_idx reordering).")] = False,
+    damp: Annotated[float, typer.Option("--damp", help="Dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
+    block_size: Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.")] = 128,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential",
+                                                  help="Each linear group sees the quantized groups before it.")] = True,
+    fmt: Format = "gptq",
+    dataset: Dataset = "mixed",
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """GPTQ: Hessian-based error compensation, written as GPTQ v1 or compressed-tensors."""
+    from qconvert.algorithms.gptq import GPTQConfig
+    from qconvert.pipeline import Calibration, Request
+
+    config = GPTQConfig(w_bit, group, sym, act_order, static_groups, damp, block_size, true_sequential)
+    out = output or _default_output(model, f"gptq-w{w_bit}g{group}")
+    request = Request(model, out, "gptq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
+                      _command_line(ctx), format=fmt)
+    _convert(request, quiet, json_out)
+
+
+@app.command()
+def awq(
+    ctx: typer.Context,
+    model: Model,
+    output: Output = None,
+    w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits: 4 (8 with --format compressed-tensors).")] = 4,
+    group: Annotated[int, typer.Option("--group", help="Group size: 32, 64, 128, or -1 per channel.")] = 128,
+    zero_point: Annotated[bool, typer.Option("--zero-point/--no-zero-point", help="Asymmetric with a zero point, or symmetric.")] = True,
+    scale_search: Annotated[str, typer.Option("--scale-search", help="duo (activations and weights), activation, or both.")] = "duo",
+    clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search a per-group weight range clip after scaling.")] = True,
+    fmt: Annotated[str, typer.Option("--format", help="Output layout: awq (AutoAWQ GEMM) or compressed-tensors.")] = "awq",
+    dataset: Dataset = "mixed",
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """AWQ: activation-aware scales and clipping, written as AutoAWQ GEMM or compressed-tensors."""
+    from qconvert.algorithms.awq import AWQConfig
+    from qconvert.pipeline import Calibration, Request
+
+    config = AWQConfig(w_bit, group, zero_point, scale_search, clip=clip)
+    out = output or _default_output(model, f"awq-w{w_bit}g{group}")
+    request = Request(model, out, "awq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
+                      _command_line(ctx), format=fmt)
+    _convert(request, quiet, json_out)
 
 
 def _convert(request, quiet: bool, json_out: bool) -> None:

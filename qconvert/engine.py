@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from qconvert.algorithms import quantizer_for
+from qconvert.algorithms import Algorithm, InputSet, algorithm_for
 from qconvert.errors import QConvertError
 from qconvert.model.architectures import Architecture
 from qconvert.model.blocks import (
@@ -25,12 +26,15 @@ from qconvert.model.blocks import (
     decoder_blocks,
     final_norm,
     load_block,
+    read_block,
     run_block,
     unload_block,
 )
 from qconvert.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+
+ERROR_BATCHES = 4  # mini-batches whose block outputs measure each layer's output error
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class LayerReport:
     index: int
     seconds: float
     linears: dict[str, LinearReport] = field(default_factory=dict)
-    output_error: float | None = None  # ||Y_q - Y||^2 / ||Y||^2 of the block on calibration data
+    output_error: float | None = None  # ||Y_q - Y||^2 / ||Y||^2 of the block on the first calibration batches
     uncalibrated: list[str] = field(default_factory=list)  # linears that saw no calibration token
 
     @property
@@ -122,7 +126,35 @@ def _observe(groups, make_stats: Callable[[str, torch.nn.Linear], object | None]
     return seen, handles
 
 
-def _no_stats(name, linear):
+def input_sets(groups) -> list[InputSet]:
+    """Split each sequential group into the linears that read one input (same parent module)."""
+    sets: dict[tuple[int, str], InputSet] = {}
+    for gi, group in enumerate(groups):
+        for name, linear in group:
+            parent = name.rpartition(".")[0]
+            s = sets.setdefault((gi, parent), InputSet(gi, parent, [], []))
+            s.names.append(name)
+            s.linears.append(linear)
+    return list(sets.values())
+
+
+def _feed(sets: list[InputSet], algorithm: Algorithm) -> tuple[dict[str, object], list]:
+    """Hook each set's first linear so its input feeds the algorithm's statistics (once per set)."""
+    stats, handles = {}, []
+    for s in sets:
+        acc = algorithm.statistics(s)
+        if acc is not None:
+            stats[s.key] = acc
+            handles.append(s.linears[0].register_forward_pre_hook(lambda _m, args, acc=acc: acc.update(args[0])))
+    return stats, handles
+
+
+def _stop_before(group: list[tuple[str, torch.nn.Linear]] | None) -> torch.nn.Module | None:
+    """A linear of the next group that every token reaches (not a routed expert): the forward pass
+    that collects one group's statistics can stop there."""
+    for name, linear in group or []:
+        if ".experts." not in f".{name}":
+            return linear
     return None
 
 
@@ -137,44 +169,68 @@ def convert(
 ) -> list[LayerReport]:
     """Quantize every block of `ckpt` with `config`'s algorithm into `writer`."""
     preflight(ckpt, arch, config)
-    quantize = quantizer_for(config)
+    algorithm = algorithm_for(config, arch)
     model = build_skeleton(ckpt, arch, options.dtype)
     blocks = decoder_blocks(model, arch)
     inputs = None
     if tokens is not None:
         inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
     reports = []
+    reader = ThreadPoolExecutor(max_workers=1)  # reads the next block from disk while this one computes
+    upcoming = reader.submit(read_block, ckpt, arch, 0)
     for index, block in enumerate(blocks):
         start = time.perf_counter()
         prefix = f"{arch.layers}.{index}."
-        originals = load_block(block, ckpt, arch, index, options.device, options.dtype)
+        stored = upcoming.result()
+        if index + 1 < len(blocks):
+            upcoming = reader.submit(read_block, ckpt, arch, index + 1)
+        originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
+        del stored
         groups = arch.linear_groups(block)
+        sets = input_sets(groups)
         report = LayerReport(index, 0.0)
-        reference, seen = None, None
+        reference, seen, stats = None, None, {}
         if inputs is not None:
-            seen, handles = _observe(groups, _no_stats)
-            reference = run_block(block, index, inputs)
+            first = [s for s in sets if s.group == 0 or not algorithm.sequential]
+            seen, handles = _observe(groups, lambda n, l: None)
+            stats, feed = _feed(first, algorithm)
+            handles += feed + algorithm.observe(block, sets)
+            # the output error is measured on the first mini-batches: keeping every reference output
+            # would hold a second copy of the calibration activations through the whole block
+            reference = run_block(block, index, inputs, keep=ERROR_BATCHES)
             for h in handles:
                 h.remove()
-        written = set()
-        for group in groups:
-            for name, linear in group:
-                tokens_seen = None if seen is None else seen[name].tokens
-                if tokens_seen == 0:
-                    report.uncalibrated.append(name)
-                w = linear.weight
-                qt = quantize(w, config, scale_dtype=originals[f"{name}.weight"].dtype)
-                writer.add_quantized(arch.to_file(f"{prefix}{name}.weight"), qt)
-                dq = qt.dequantize().to(device=w.device, dtype=w.dtype)
-                report.linears[name] = LinearReport(_relative_error(dq, w), tokens_seen)
-                linear.weight.data = dq
-                written.add(f"{name}.weight")
+        changed = algorithm.transform(block, sets) if inputs is not None else set()
+        for gi, group in enumerate(groups):
+            group_sets = [s for s in sets if s.group == gi]
+            if inputs is not None and algorithm.sequential and gi > 0:
+                stats, handles = _feed(group_sets, algorithm)
+                if stats:
+                    run_block(block, index, inputs, stop_at=_stop_before(groups[gi + 1] if gi + 1 < len(groups) else None))
+                for h in handles:
+                    h.remove()
+            for s in group_sets:
+                scale_dtype = getattr(writer, "scale_dtype", None) or originals[f"{s.names[0]}.weight"].dtype
+                qts = algorithm.quantize(s, stats.pop(s.key, None), scale_dtype)
+                for name, lin, qt in zip(s.names, s.linears, qts):
+                    tokens_seen = None if seen is None else seen[name].tokens
+                    if tokens_seen == 0:
+                        report.uncalibrated.append(name)
+                    writer.add_quantized(arch.to_file(f"{prefix}{name}.weight"), qt)
+                    dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+                    report.linears[name] = LinearReport(_relative_error(dq, lin.weight), tokens_seen)
+                    lin.weight.data = dq
+        quantized = {f"{n}.weight" for s in sets for n in s.names}
+        params = dict(block.named_parameters())
         for name, tensor in originals.items():
-            if name not in written:
-                writer.add_tensor(arch.to_file(prefix + name), tensor)
+            if name in quantized:
+                continue
+            if name in changed:
+                tensor = params[name].detach().to(device="cpu", dtype=tensor.dtype)
+            writer.add_tensor(arch.to_file(prefix + name), tensor)
         if inputs is not None:
             outputs = run_block(block, index, inputs)
-            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
+            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))  # zip: first batches
             den = sum(float(r.float().pow(2).sum()) for r in reference)
             report.output_error = num / max(den, 1e-30)
             inputs.hidden = outputs
@@ -186,10 +242,13 @@ def convert(
                         len(report.uncalibrated), ", ".join(report.uncalibrated[:4]))
         reports.append(report)
         on_layer(report)
+    reader.shutdown()
     layer_prefix = f"{arch.layers}."
     for name in ckpt.names():
         if not name.startswith(layer_prefix):
-            writer.add_tensor(name, ckpt.get(name))
+            tensor = ckpt.load([name], check=False)[name]
+            ckpt.check_finite(name, tensor.to(options.device))  # 1 GB embeddings check in ms on a GPU
+            writer.add_tensor(name, tensor)
     return reports
 
 

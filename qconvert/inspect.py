@@ -7,7 +7,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from qconvert.formats import compressed_tensors
+from qconvert.formats import awq, compressed_tensors, gptq
 from qconvert.model.checkpoint import Checkpoint
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -30,37 +30,72 @@ def _pattern(module: str) -> str:
     return _LAYER_INDEX.sub(".*.", _LAYER_INDEX.sub(".*.", module))
 
 
-def _ct_schemes(ckpt: Checkpoint) -> dict[str, str]:
-    config = ckpt.config_dict["quantization_config"]
-    schemes = {}
-    for name in ckpt.names():
-        if name.endswith(".weight_packed"):
-            module = name.removesuffix(".weight_packed")
-            args = compressed_tensors._scheme_for(module, config)
-            group = "channel" if args["strategy"] == "channel" else f"g{args['group_size']}"
-            sym = "sym" if args["symmetric"] else "asym"
-            schemes[module] = f"int{args['num_bits']} {group} {sym}"
-    return schemes
+def _ct_modules(ckpt: Checkpoint, qc: dict) -> dict[str, tuple[str, int]]:
+    shapes = ckpt.load([n for n in ckpt.names() if n.endswith(".weight_shape")])
+    modules = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight_shape")
+        args = compressed_tensors._scheme_for(module, qc)
+        group = "channel" if args["strategy"] == "channel" else f"g{args['group_size']}"
+        sym = "sym" if args["symmetric"] else "asym"
+        act = " act-order" if args.get("actorder") in compressed_tensors.GROUP_ACTORDER else ""
+        modules[module] = (f"int{args['num_bits']} {group} {sym}{act}", math.prod(int(x) for x in shape))
+    return modules
+
+
+def _awq_modules(ckpt: Checkpoint, qc: dict) -> dict[str, tuple[str, int]]:
+    scheme = f"int{awq.BITS} g{qc['group_size']} {'asym' if qc.get('zero_point', True) else 'sym'}"
+    return {  # qweight is [in, out / 8]
+        m: (scheme, ckpt.shape(f"{m}.qweight")[0] * ckpt.shape(f"{m}.qweight")[1] * awq.PACK)
+        for m in (n.removesuffix(".qweight") for n in ckpt.names() if n.endswith(".qweight"))
+    }
+
+
+def _gptq_modules(ckpt: Checkpoint, qc: dict) -> dict[str, tuple[str, int]]:
+    bits, group = qc["bits"], qc["group_size"]
+    scheme = (f"int{bits} {'channel' if group == -1 else f'g{group}'} {'sym' if qc.get('sym', True) else 'asym'}"
+              f"{' act-order' if qc.get('desc_act') else ''}")
+    return {  # qweight is [in * bits / 32, out]
+        m: (scheme, ckpt.shape(f"{m}.qweight")[0] * 32 // bits * ckpt.shape(f"{m}.qweight")[1])
+        for m in (n.removesuffix(".qweight") for n in ckpt.names() if n.endswith(".qweight"))
+    }
+
+
+# quant_method -> (module -> (scheme, logical weights), the tensor suffixes a quantized module stores)
+_LAYOUTS = {
+    compressed_tensors.QUANT_METHOD: (_ct_modules, compressed_tensors.SUFFIXES),
+    awq.QUANT_METHOD: (_awq_modules, awq.SUFFIXES),
+    gptq.QUANT_METHOD: (_gptq_modules, gptq.SUFFIXES),
+}
+
+
+def _settings(qc: dict) -> dict:
+    """The checkpoint-wide settings of the layouts that have them (AWQ, GPTQ)."""
+    keys = ("bits", "group_size", "zero_point", "sym", "desc_act")
+    return {k: qc[k] for k in keys if k in qc}
+
+
+def _ignored(qc: dict) -> list[str] | None:
+    return qc.get("ignore", qc.get("modules_to_not_convert"))
+
+
+def _format(qc: dict) -> str | None:
+    return qc.get("format") or qc.get("version") or qc.get("checkpoint_format")
 
 
 def describe(path: Path) -> dict:
     ckpt = Checkpoint(path)
     cfg = ckpt.config_dict
     qc = cfg.get("quantization_config")
-    params = 0
-    dtypes: Counter = Counter()
-    for name in ckpt.names():
-        shape = ckpt.shape(name)
-        dtypes[ckpt.dtype(name)] += 1
-        if name.endswith(".weight_shape"):
-            continue
-        params += math.prod(shape)
-    schemes = _ct_schemes(ckpt) if qc and qc.get("quant_method") == compressed_tensors.QUANT_METHOD else {}
-    shapes = ckpt.load([f"{m}.weight_shape" for m in schemes]) if schemes else {}
-    for module in schemes:  # count logical weights, not packed words, scales or zero points
-        params -= sum(math.prod(ckpt.shape(f"{module}.{s}")) for s in compressed_tensors.SUFFIXES
-                      if f"{module}.{s}" in ckpt and s != "weight_shape")
-        params += math.prod(int(x) for x in shapes[f"{module}.weight_shape"])
+    dtypes: Counter = Counter(ckpt.dtype(name) for name in ckpt.names())
+    layout = _LAYOUTS.get((qc or {}).get("quant_method"))
+    quantized = layout[0](ckpt, qc) if layout else {}
+    suffixes = layout[1] if layout else ()
+    stored = {f"{m}.{s}" for m in quantized for s in suffixes}
+    # count logical weights, not packed words, scales or zero points
+    params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if n not in stored)
+    params += sum(n for _, n in quantized.values())
+    schemes = {m: scheme for m, (scheme, _) in quantized.items()}
     by_type: dict[tuple[str, str], int] = defaultdict(int)
     for module, scheme in schemes.items():
         by_type[(_pattern(module), scheme)] += 1
@@ -75,8 +110,9 @@ def describe(path: Path) -> dict:
         "size_bytes": ckpt.nbytes(),
         "quantization": None if qc is None else {
             "quant_method": qc.get("quant_method"),
-            "format": qc.get("format"),
-            "ignore": qc.get("ignore"),
+            "format": _format(qc),
+            **_settings(qc),
+            "ignore": _ignored(qc),
             "modules": schemes,
             "by_type": [{"modules": p, "scheme": s, "count": n} for (p, s), n in sorted(by_type.items())],
         },

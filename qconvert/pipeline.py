@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from qconvert import __version__
 from qconvert.calibration.datasets import load_texts
-from qconvert.calibration.tokens import calibration_windows
+from qconvert.calibration.tokens import calibration_windows, saved_windows
 from qconvert.engine import EngineOptions, LayerReport, convert
 from qconvert.errors import QConvertError
-from qconvert.formats import compressed_tensors
+from qconvert.formats import awq, compressed_tensors, gptq
 from qconvert.formats.shards import DEFAULT_SHARD_BYTES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
@@ -41,6 +41,7 @@ class Request:
     command: str = ""
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     batch_size: int = 8
+    format: str = "compressed-tensors"
 
 
 def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
@@ -65,6 +66,39 @@ def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
 # linears left unquantized, as compressed-tensors `ignore` entries (names as vLLM and transformers see them)
 IGNORE = ["lm_head", r"re:.*(mlp|block_sparse_moe)\.gate$", r"re:.*shared_expert_gate$"]
 
+# the layouts each method can write, the first one its default
+FORMATS = {"rtn": ("compressed-tensors",), "gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors")}
+
+
+def check_format(method: str, fmt: str, config) -> object:
+    """Refuse a format the method or its settings cannot be written in; returns the config adapted to it."""
+    allowed = FORMATS[method]
+    if fmt not in allowed:
+        raise QConvertError(f"--format {fmt}: {method} writes {' or '.join(allowed)}")
+    bits, group = config.bits, config.group_size
+    if fmt == "compressed-tensors" and bits not in (4, 8):
+        raise QConvertError(f"--w-bit {bits}: compressed-tensors pack-quantized takes 4 or 8 bits (--format gptq takes 2 and 3)")
+    if fmt == "awq" and (bits != 4 or group == -1):
+        raise QConvertError("--format awq stores 4-bit codes in groups of 32, 64 or 128 (use --format compressed-tensors)")
+    if fmt == "gptq" and not config.symmetric:
+        config = replace(config, zero_floor=1)  # v1 stores zero - 1
+    return config
+
+
+def _writer(request: Request, arch, stage: Path):
+    """The format's writer and a function that closes it and returns config.json's quantization_config."""
+    cfg = request.config
+    if request.format == "awq":
+        w = awq.Writer(stage, cfg.group_size, cfg.zero_point, max_shard_bytes=request.max_shard_bytes)
+        # vLLM matches these as substrings: only routers, in the names the files use
+        return w, lambda: w.finish(["lm_head", *(arch.to_file(f".{s}.")[1:-1] for s in arch.skip)])
+    if request.format == "gptq":
+        w = gptq.Writer(stage, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp, cfg.static_groups,
+                        cfg.true_sequential, max_shard_bytes=request.max_shard_bytes)
+        return w, w.finish
+    w = compressed_tensors.Writer(stage, request.max_shard_bytes)
+    return w, lambda: w.finish(IGNORE)
+
 
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
@@ -76,7 +110,10 @@ def load_tokenizer(path: Path):
 
 
 def calibration_tokens(model_dir: Path, cal: Calibration) -> torch.Tensor:
-    """The calibration windows [samples, seq_len], tokenized with the model's own tokenizer."""
+    """The calibration windows [samples, seq_len], tokenized with the model's own tokenizer (or read
+    as they are from a .pt file of token ids)."""
+    if cal.dataset.endswith(".pt"):
+        return saved_windows(Path(cal.dataset).expanduser(), cal.samples, cal.seq_len)
     tokenizer = load_tokenizer(model_dir)
     return calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
 
@@ -84,21 +121,35 @@ def calibration_tokens(model_dir: Path, cal: Calibration) -> torch.Tensor:
 def run(request: Request, on_layer=lambda r: None) -> dict:
     """Convert request.model into request.output; returns the summary that report.json holds."""
     start = time.perf_counter()
+    config = check_format(request.method, request.format, request.config)
     source = resolve_model(request.model)
     ckpt = Checkpoint(source)
     arch = architecture_for(ckpt.model_type)
     device, dtype = resolve_device(request.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tokens = None if request.calibration is None else calibration_tokens(source, request.calibration)
     options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size)
     with staged_output(request.output, request.overwrite, source) as stage:
-        writer = compressed_tensors.Writer(stage, request.max_shard_bytes)
-        layers = convert(ckpt, arch, request.config, writer, tokens, options, on_layer)
-        write_config(ckpt.config_dict, stage, writer.finish(IGNORE))
+        writer, finish = _writer(request, arch, stage)
+        layers = convert(ckpt, arch, config, writer, tokens, options, on_layer)
+        write_config(ckpt.config_dict, stage, finish())
         copy_aux_files(source, stage)
         summary = _summary(request, ckpt, layers, stage, time.perf_counter() - start)
+        summary["peak_memory"] = peak_memory(device)
         (stage / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_model_card(stage, request.output.name, request.model, _card_facts(summary), request.command)
     return summary
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak resident memory, and the peak GPU memory torch allocated since the start."""
+    import resource
+
+    peak = {"host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
 def _summary(request: Request, ckpt: Checkpoint, layers: list[LayerReport], stage: Path, seconds: float) -> dict:
@@ -109,7 +160,7 @@ def _summary(request: Request, ckpt: Checkpoint, layers: list[LayerReport], stag
         "source": request.model,
         "output": str(request.output),
         "method": request.method,
-        "format": compressed_tensors.QUANT_METHOD,
+        "format": request.format,
         "config": asdict(request.config),
         "calibration": asdict(request.calibration) if request.calibration else None,
         "source_bytes": ckpt.nbytes(),

@@ -9,7 +9,8 @@ import torch
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """Integer weight codes with their group parameters, in logical (unpacked) layout.
+    """Integer weight codes with their group parameters, in logical (unpacked) layout, on the device that
+    computed them (writers pack them there and move the packed words to the CPU).
 
     codes: uint8 [out, in], unsigned, in [0, 2**bits - 1].
     scale: [out, groups], already rounded to the dtype it is stored in.

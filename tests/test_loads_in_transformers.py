@@ -1,8 +1,10 @@
 """RTN output of every supported architecture loads in transformers (through the compressed-tensors
 package) and gives exactly the logits of our own dequantized reference."""
 
+import compressed_tensors
 import pytest
 import torch
+from packaging.version import Version
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationScheme
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -10,6 +12,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 from qconvert.eval.loader import load_model
 from qconvert.formats import compressed_tensors as ct
 from qconvert.model.checkpoint import Checkpoint
+from qconvert.testing.packed_outputs import write_rtn_checkpoint
 from qconvert.testing.tiny_models import ARCHITECTURES
 
 CASES = [(arch, "--sym", 4, 128) for arch in ARCHITECTURES] + [
@@ -56,8 +59,27 @@ def test_asymmetric_moe_experts_decompress_in_compressed_tensors(tiny, qconvert,
         if isinstance(qt, torch.Tensor):
             continue
         module = name.removesuffix(".weight")
-        state = ckpt.load([f"{module}.{s}" for s in ct.SUFFIXES])
+        state = ckpt.load([f"{module}.{s}" for s in ct.SUFFIXES if f"{module}.{s}" in ckpt])
         theirs = PackedQuantizationCompressor.decompress({k.rsplit(".", 1)[1]: v for k, v in state.items()}, scheme)
         assert torch.equal(theirs["weight"], qt.dequantize()), name
         checked += ".experts." in name
     assert checked >= 2 * 4 * 3  # every expert projection of both layers
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_act_order_output_loads_and_matches_reference(tiny, tmp_path, sym):
+    """weight_g_idx + actorder "group": compressed-tensors up to 0.18 (the version vLLM 0.28-0.30 pin)
+    loads it in transformers with exactly our logits. 0.19 removed act-order "group"; there the load
+    must fail loudly on the config rather than drop g_idx and load wrong weights. (transformers'
+    dequantize=True path drops weight_g_idx in 5.23, so the default load path is the one checked.)"""
+    out = write_rtn_checkpoint(tiny("llama"), tmp_path / "out", "compressed-tensors", 4, 64, sym,
+                               act_order_seed=5, scale_dtype=torch.bfloat16)
+    if Version(compressed_tensors.__version__) >= Version("0.19"):
+        with pytest.raises(Exception, match="actorder='group' has been removed"):
+            AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        return
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    ours, _ = load_model(str(out), torch.bfloat16, torch.device("cpu"))
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qconvert.algorithms import register
+from qconvert.algorithms import Algorithm, register
 from qconvert.errors import QConvertError
 from qconvert.quantized import QuantizedTensor
 
@@ -41,9 +41,10 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def minmax_params(
-    wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+    wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, zero_floor: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (rounded to its storage dtype) and unsigned zero point per group of wg [out, groups, g]."""
+    """Scale (rounded to its storage dtype) and unsigned zero point per group of wg [out, groups, g].
+    zero_floor: the smallest zero point the format can store (GPTQ v1 stores zero - 1)."""
     qmax = (1 << bits) - 1
     lo = wg.amin(dim=-1).clamp(max=0)
     hi = wg.amax(dim=-1).clamp(min=0)
@@ -56,7 +57,13 @@ def minmax_params(
         scale = (hi - lo) / qmax
     scale = scale.clamp(min=torch.finfo(torch.float16).tiny).to(scale_dtype)
     if not symmetric:
-        zero = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
+        zero = torch.round(-lo / scale.float()).clamp(0, qmax)
+        if zero_floor:  # a group with no negative weight: map [0, hi] onto codes zero_floor..qmax instead
+            low = zero < zero_floor
+            scale = torch.where(low, (hi / (qmax - zero_floor)).clamp(min=torch.finfo(torch.float16).tiny)
+                                .to(scale_dtype), scale)
+            zero = torch.where(low, float(zero_floor), zero)
+        zero = zero.to(torch.uint8)
     return scale, zero
 
 
@@ -68,11 +75,25 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return q.clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(w.shape)
 
 
-@register(RTNConfig)
-def rtn(w: torch.Tensor, config: RTNConfig, *, scale_dtype: torch.dtype, stats=None) -> QuantizedTensor:
-    """Min-max round-to-nearest of w [out, in]; `stats` is unused (no calibration)."""
+def fake_quantize_groups(wg: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """wg [..., g] rounded through min-max quantization per last-dim group (float32 scales), in float32."""
+    wg = wg.float()
+    scale, zero = minmax_params(wg, bits, symmetric, torch.float32)
+    z = float(1 << (bits - 1)) if zero is None else zero.float()[..., None]
+    q = torch.clamp(torch.round(wg / scale[..., None]) + z, 0, (1 << bits) - 1)
+    return (q - z) * scale[..., None]
+
+
+def rtn(w: torch.Tensor, config: RTNConfig, *, scale_dtype: torch.dtype) -> QuantizedTensor:
+    """Min-max round-to-nearest of w [out, in]."""
     if config.group_size != -1 and w.shape[1] % config.group_size:
         raise QConvertError(f"group size {config.group_size} does not divide input size {w.shape[1]}")
     scale, zero = minmax_params(grouped(w.float(), config.group_size), config.bits, config.symmetric, scale_dtype)
     codes = quantize_with(w, scale, zero, config.bits, config.group_size)
-    return QuantizedTensor(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), config.bits, config.group_size)
+    return QuantizedTensor(codes, scale, zero, config.bits, config.group_size)
+
+
+@register(RTNConfig)
+class RTN(Algorithm):
+    def quantize(self, inputs, stats, scale_dtype):
+        return [rtn(lin.weight, self.config, scale_dtype=scale_dtype) for lin in inputs.linears]

@@ -44,6 +44,20 @@ def calibration_windows(texts: list[str], tokenizer, samples: int, seq_len: int,
     return _windows(stream, starts, body, bos)
 
 
+def saved_windows(path, samples: int, seq_len: int) -> torch.Tensor:
+    """Pre-tokenized windows saved with torch.save (a LongTensor [n, seq_len]): the first `samples`."""
+    try:
+        ids = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise QConvertError(f"{path}: cannot read token ids ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise QConvertError(f"{path}: expected an integer tensor [windows, seq_len] of token ids")
+    if ids.shape[0] < samples or ids.shape[1] != seq_len:
+        raise QConvertError(f"{path}: holds {ids.shape[0]} x {ids.shape[1]} token ids; "
+                            f"--samples {samples} --seq-len {seq_len} asks for {samples} x {seq_len}")
+    return ids[:samples].long()
+
+
 def evaluation_windows(texts: list[str], tokenizer, max_windows: int, seq_len: int) -> torch.Tensor:
     """Consecutive, non-overlapping windows from the start of the text (deterministic)."""
     bos = bos_id(tokenizer)

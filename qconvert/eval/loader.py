@@ -15,11 +15,15 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qconvert.errors import QConvertError
-from qconvert.formats import compressed_tensors
+from qconvert.formats import awq, compressed_tensors, gptq
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.quantized import QuantizedTensor
 
-READERS = {compressed_tensors.QUANT_METHOD: compressed_tensors.read}
+READERS = {
+    compressed_tensors.QUANT_METHOD: compressed_tensors.read,
+    awq.QUANT_METHOD: awq.read,
+    gptq.QUANT_METHOD: gptq.read,
+}
 
 
 def dequantized_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

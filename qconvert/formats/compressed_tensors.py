@@ -7,18 +7,28 @@ Layout (compressed-tensors 0.20, PackedQuantizationCompressor), per quantized li
   X.weight_shape       int64 [2] = (out, in)
   X.weight_zero_point  int32 [ceil(out * bits / 32), groups], asymmetric only: zero points offset to
                        unsigned, packed the same way along the output dim
+  X.weight_g_idx       int32 [in], act-order only (weights args `actorder: "group"`): the group of each
+                       input column; every group holds exactly group_size columns, because the
+                       dequantizer sorts the columns by g_idx and cuts them into runs of group_size
 Dequantization: (q - z) * scale, computed in the scale's dtype.
+
+Act-order ("group", alias "dynamic") is read by compressed-tensors up to 0.18 and by vLLM through it
+(vLLM 0.28-0.30 pin 0.17). compressed-tensors 0.19 removed it: 0.19 and 0.20 refuse such a config when
+they parse it ("actorder='group' has been removed"), so transformers with those versions cannot load
+it. "weight" (alias "static") only changes calibration and stores no g_idx, like no act-order at all.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from qconvert.formats.bitpack import pack_bits, unpack_bits
 from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
@@ -26,38 +36,14 @@ from qconvert.quantized import QuantizedTensor
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
 SPEC_VERSION = "0.20.0"
-SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [rows, cols] -> int32 [rows, ceil(cols*bits/32)], element i at bit i*bits."""
-    rows, cols = codes.shape
-    words = -(-cols * bits // 32)
-    pos = torch.arange(cols, dtype=torch.int64) * bits
-    word, off = pos // 32, pos % 32
-    v = codes.to(torch.int64)
-    acc = torch.zeros(rows, words + 1, dtype=torch.int64)
-    acc.scatter_add_(1, word.expand(rows, -1), (v << off) & 0xFFFFFFFF)
-    spill = off + bits > 32  # the high bits of a value that straddles two words
-    if spill.any():
-        acc.scatter_add_(1, (word[spill] + 1).expand(rows, -1), v[:, spill] >> (32 - off[spill]))
-    acc = acc[:, :words]
-    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of pack_bits: int32 [rows, words] -> uint8 [rows, cols]."""
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64)], dim=1)
-    pos = torch.arange(cols, dtype=torch.int64) * bits
-    word, off = pos // 32, pos % 32
-    v = (w[:, word] >> off) | (w[:, word + 1] << (32 - off))
-    return (v & ((1 << bits) - 1)).to(torch.uint8)
+log = logging.getLogger(__name__)
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+GROUP_ACTORDER = ("group", "dynamic")  # actorder values that mean "weight_g_idx is stored"
 
 
 def weights_args(qt: QuantizedTensor) -> dict:
     return {
-        "actorder": None,
+        "actorder": None if qt.g_idx is None else "group",
         "block_structure": None,
         "dynamic": False,
         "group_size": None if qt.group_size == -1 else qt.group_size,
@@ -111,9 +97,10 @@ class Writer:
         self.shards.add(name, tensor)
 
     def add_quantized(self, name: str, qt: QuantizedTensor) -> None:
-        if qt.g_idx is not None:
-            raise ValueError("compressed-tensors writer: g_idx is not supported here")
         module = name.removesuffix(".weight")
+        if qt.g_idx is not None:
+            _check_g_idx(module, qt)
+            self.shards.add(f"{module}.weight_g_idx", qt.g_idx.to(torch.int32))
         self.shards.add(f"{module}.weight_packed", pack_bits(qt.codes, qt.bits))
         self.shards.add(f"{module}.weight_scale", qt.scale)
         self.shards.add(f"{module}.weight_shape", torch.tensor(qt.shape, dtype=torch.int64))
@@ -124,7 +111,18 @@ class Writer:
     def finish(self, ignore: list[str]) -> dict:
         """Close the shards; returns the quantization_config for config.json."""
         self.shards.finish()
+        act_order = sum(s["actorder"] is not None for s in self.schemes.values())
+        if act_order:
+            log.warning("%d module(s) written with act-order (actorder 'group'): compressed-tensors 0.19+ and "
+                        "transformers with it refuse them; vLLM with compressed-tensors <= 0.18 reads them", act_order)
         return quantization_config(self.schemes, ignore)
+
+
+def _check_g_idx(module: str, qt: QuantizedTensor) -> None:
+    sizes = torch.bincount(qt.g_idx.long(), minlength=qt.num_groups)
+    if qt.group_size == -1 or len(sizes) != qt.num_groups or (sizes != qt.group_size).any():
+        raise ValueError(f"{module}: act-order g_idx must put exactly group_size columns in each group "
+                         f"(group size {qt.group_size})")
 
 
 def _scheme_for(module: str, config: dict) -> dict:
@@ -165,4 +163,10 @@ def _read_module(ckpt: Checkpoint, module: str, config: dict) -> QuantizedTensor
     if not args["symmetric"]:
         zero = unpack_bits(t[f"{module}.weight_zero_point"].T.contiguous(), bits, out).T.contiguous()
     group_size = -1 if args["strategy"] == "channel" else args["group_size"]
-    return QuantizedTensor(codes, scale, zero, bits, group_size)
+    g_idx = None
+    if args.get("actorder") in GROUP_ACTORDER or args.get("actorder") is True:
+        g_idx = t[f"{module}.weight_g_idx"].to(torch.int32)
+        # -1 entries mean "never set" to compressed-tensors, and column order is no act-order at all
+        if (g_idx == -1).any() or torch.equal(g_idx.long(), torch.arange(cols) // group_size):
+            g_idx = None
+    return QuantizedTensor(codes, scale, zero, bits, group_size, g_idx)

@@ -15,11 +15,42 @@ from torch import nn
 from qconvert.errors import QConvertError
 
 
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+O_PROJ = ("self_attn.o_proj",)
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+DOWN = ("mlp.down_proj",)
+DENSE = (QKV, O_PROJ, GATE_UP, DOWN)
+
+
 @dataclass(frozen=True)
 class MoE:
     experts: str  # path of transformers' fused experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I])
     proj: tuple[str, str, str]  # per-expert (gate, up, down) linear names in the checkpoint files
     num_experts_key: str
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """AWQ / SmoothQuant: `prev` writes the input that `linears` read, so a per-channel scale can move
+    from one to the other. `inspect` is the module whose output measures the loss; `also` are
+    unquantized readers of the same input (MoE routers) whose columns must be scaled too. A `*`
+    in prev and linears stands for one expert at a time. `prev_rows`: "second_half" when only
+    the up half of a fused gate_up projection feeds the linears."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+    also: tuple[str, ...] = ()
+    prev_rows: str = "all"
+
+
+def dense_scale_groups(mlp_norm: str = "post_attention_layernorm") -> tuple[ScaleGroup, ...]:
+    return (
+        ScaleGroup("input_layernorm", QKV, "self_attn"),
+        ScaleGroup("self_attn.v_proj", O_PROJ, "self_attn.o_proj"),  # only where v's rows are o's columns (no GQA)
+        ScaleGroup(mlp_norm, GATE_UP, "mlp"),
+        ScaleGroup("mlp.up_proj", DOWN, "mlp.down_proj"),
+    )
 
 
 @dataclass(frozen=True)
@@ -31,6 +62,8 @@ class Architecture:
     moe: MoE | None = None
     attn_implementation: str = "sdpa"
     layers: str = "model.layers"
+    scale_groups: tuple[ScaleGroup, ...] = ()
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
     def to_memory(self, file_name: str) -> str:
         for src, dst in self.renames:
@@ -62,24 +95,30 @@ class Architecture:
         return [g for g in groups if g]
 
 
-QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-O_PROJ = ("self_attn.o_proj",)
-GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
-DOWN = ("mlp.down_proj",)
-DENSE = (QKV, O_PROJ, GATE_UP, DOWN)
+
+DENSE_AWQ = dense_scale_groups()
+GEMMA2_AWQ = dense_scale_groups("pre_feedforward_layernorm")  # Gemma 2/3 norm the MLP input with this one
 
 _ARCHITECTURES = [
     # Llama 2/3, SmolLM2; Mistral 7B; Qwen2/2.5; Qwen3 (q/k norms are not linears); Gemma 1
-    Architecture("llama", DENSE),
-    Architecture("mistral", DENSE),
-    Architecture("qwen2", DENSE),
-    Architecture("qwen3", DENSE),
-    Architecture("gemma", DENSE),
+    Architecture("llama", DENSE, scale_groups=DENSE_AWQ),
+    Architecture("mistral", DENSE, scale_groups=DENSE_AWQ),
+    Architecture("qwen2", DENSE, scale_groups=DENSE_AWQ),
+    Architecture("qwen3", DENSE, scale_groups=DENSE_AWQ),
+    Architecture("gemma", DENSE, scale_groups=DENSE_AWQ, norm_offset=1.0),
     # Gemma 2 uses attention logit soft-capping, which only the eager attention implements
-    Architecture("gemma2", DENSE, attn_implementation="eager"),
-    Architecture("gemma3_text", DENSE),
-    # Phi-3: fused qkv_proj and gate_up_proj
-    Architecture("phi3", (("self_attn.qkv_proj",), O_PROJ, ("mlp.gate_up_proj",), DOWN)),
+    Architecture("gemma2", DENSE, attn_implementation="eager", scale_groups=GEMMA2_AWQ, norm_offset=1.0),
+    Architecture("gemma3_text", DENSE, scale_groups=GEMMA2_AWQ, norm_offset=1.0),
+    # Phi-3: fused qkv_proj and gate_up_proj (gate rows first, then up)
+    Architecture(
+        "phi3",
+        (("self_attn.qkv_proj",), O_PROJ, ("mlp.gate_up_proj",), DOWN),
+        scale_groups=(
+            ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+            ScaleGroup("mlp.gate_up_proj", DOWN, "mlp.down_proj", prev_rows="second_half"),
+        ),
+    ),
     # Mixtral 8x7B: files say block_sparse_moe.experts.N.w1/w3/w2 (gate/up/down)
     Architecture(
         "mixtral",
@@ -87,6 +126,11 @@ _ARCHITECTURES = [
         skip=("mlp.gate",),
         renames=((".block_sparse_moe.", ".mlp."),),
         moe=MoE("mlp.experts", ("w1", "w3", "w2"), "num_local_experts"),
+        scale_groups=(
+            *DENSE_AWQ[:2],
+            ScaleGroup("post_attention_layernorm", ("mlp.experts.*.w1", "mlp.experts.*.w3"), "mlp", also=("mlp.gate",)),
+            ScaleGroup("mlp.experts.*.w3", ("mlp.experts.*.w2",), "mlp.experts.*.w2"),
+        ),
     ),
     # Qwen1.5-MoE / Qwen2-MoE: routed experts plus a shared expert with a sigmoid gate;
     # layers listed in mlp_only_layers keep a dense MLP
@@ -101,6 +145,14 @@ _ARCHITECTURES = [
         ),
         skip=("mlp.gate", "mlp.shared_expert_gate"),
         moe=MoE("mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts"),
+        scale_groups=(
+            *DENSE_AWQ,
+            ScaleGroup("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj",
+                       "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp",
+                       also=("mlp.gate", "mlp.shared_expert_gate")),
+            ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), "mlp.experts.*.down_proj"),
+            ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"),
+        ),
     ),
     # Qwen3-MoE (30B-A3B, 235B-A22B)
     Architecture(
@@ -109,6 +161,12 @@ _ARCHITECTURES = [
          ("mlp.experts.*.down_proj", *DOWN)),
         skip=("mlp.gate",),
         moe=MoE("mlp.experts", ("gate_proj", "up_proj", "down_proj"), "num_experts"),
+        scale_groups=(
+            *DENSE_AWQ,
+            ScaleGroup("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), "mlp",
+                       also=("mlp.gate",)),
+            ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), "mlp.experts.*.down_proj"),
+        ),
     ),
 ]
 ARCHITECTURES = {a.name: a for a in _ARCHITECTURES}

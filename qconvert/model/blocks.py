@@ -46,10 +46,18 @@ def block_file_names(ckpt: Checkpoint, arch: Architecture, index: int) -> dict[s
     return {arch.to_memory(n)[len(prefix):]: n for n in ckpt.names() if n.startswith(prefix)}
 
 
+def read_block(ckpt: Checkpoint, arch: Architecture, index: int) -> dict[str, torch.Tensor]:
+    """Block `index`'s tensors as stored (file name -> CPU tensor), not yet checked for NaN/Inf: the
+    part of loading that can run in a background thread while the previous block computes."""
+    return ckpt.load(list(block_file_names(ckpt, arch, index).values()), check=False)
+
+
 def load_block(
-    block: nn.Module, ckpt: Checkpoint, arch: Architecture, index: int, device, dtype
+    block: nn.Module, ckpt: Checkpoint, arch: Architecture, index: int, device, dtype,
+    stored: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fill block `index` with its weights (cast to `dtype` on `device`).
+    """Fill block `index` with its weights (cast to `dtype` on `device`, checked for NaN/Inf there),
+    from `stored` when read_block already read them.
 
     Returns the tensors as stored (memory name -> tensor in the file's dtype, on CPU).
     """
@@ -61,10 +69,13 @@ def load_block(
     if missing:
         names = ", ".join(arch.to_file(f"{arch.layers}.{index}.{m}") for m in missing[:3])
         raise QConvertError(f"{ckpt.path}: layer {index} lacks {names}")
-    stored = ckpt.load([files[n] for n in params])
+    if stored is None:
+        stored = read_block(ckpt, arch, index)
     originals = {n: stored[files[n]] for n in params}
     for name, tensor in originals.items():
-        _set_param(block, name, tensor.to(device=device, dtype=dtype))
+        on_device = tensor.to(device=device, non_blocking=True)
+        ckpt.check_finite(files[name], on_device)
+        _set_param(block, name, on_device.to(dtype))
     return originals
 
 
@@ -181,10 +192,28 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
+def run_block(block: nn.Module, index: int, inputs: BlockInputs, stop_at: nn.Module | None = None,
+              keep: int | None = None) -> list[torch.Tensor]:
+    """The block's outputs for every mini-batch (the first `keep` only, when given); with `stop_at`,
+    each pass ends where that module would run (for hooks that only need the part before it) and
+    nothing is returned."""
+    handle = None
+    if stop_at is not None:
+        def stop(_module, _args):
+            raise _Stop
+
+        handle = stop_at.register_forward_pre_hook(stop)
     outputs = []
-    for hidden in inputs.hidden:
-        args, kwargs = inputs.args_for(index, hidden)
-        out = block(hidden, *args, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+    try:
+        for hidden in inputs.hidden:
+            args, kwargs = inputs.args_for(index, hidden)
+            try:
+                out = block(hidden, *args, **kwargs)
+            except _Stop:
+                continue
+            if keep is None or len(outputs) < keep:
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        if handle is not None:
+            handle.remove()
     return outputs

@@ -136,8 +136,9 @@ class Checkpoint:
         return name in self._file_of
 
     # -- reading ---------------------------------------------------------------------------
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read tensors (in their stored dtype), opening each file once; NaN/Inf are refused."""
+    def load(self, names: list[str], check: bool = True) -> dict[str, torch.Tensor]:
+        """Read tensors (in their stored dtype), opening each file once; NaN/Inf are refused unless
+        `check` is off (the caller then checks them with check_finite, e.g. on the GPU)."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             if name not in self._file_of:
@@ -155,10 +156,14 @@ class Checkpoint:
                         out[n] = f.get_tensor(n)
             except SafetensorError as exc:
                 raise QConvertError(f"{file}: corrupt safetensors file ({exc})") from None
-        for n, t in out.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise QConvertError(f"{n} in {self._file_of[n].name} holds NaN or Inf values")
+        if check:
+            for n, t in out.items():
+                self.check_finite(n, t)
         return out
+
+    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise QConvertError(f"{name} in {self._file_of[name].name} holds NaN or Inf values")
 
     def get(self, name: str) -> torch.Tensor:
         return self.load([name])[name]

@@ -1,0 +1,220 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"): quantize one input column at a time and push each column's rounding error onto the
+columns not yet quantized, weighted by the inverse Hessian of the layer's input, H = 2/n Σ x xᵀ.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qconvert.algorithms import Algorithm, InputSet, gptq_kernel, register
+from qconvert.algorithms.rtn import GROUP_SIZES, minmax_params
+from qconvert.errors import QConvertError
+from qconvert.quantized import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """act_order: quantize columns by descending Hessian diagonal (the group of a column is then
+    recorded in g_idx unless static_groups fixes the groups up front in the original column order);
+    damp: fraction of the mean Hessian diagonal added to it; true_sequential: each group of linears
+    sees the outputs of the already-quantized groups before it in the block."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    zero_floor: int = 0  # set by the output format: GPTQ v1 cannot store a zero point of 0
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise QConvertError(f"--w-bit {self.bits} is not supported (choose from {', '.join(map(str, BITS))})")
+        if self.group_size not in GROUP_SIZES:
+            raise QConvertError(
+                f"--group {self.group_size} is not supported (choose from {', '.join(map(str, GROUP_SIZES))})")
+        if not 0 < self.damp < 1:
+            raise QConvertError(f"--damp {self.damp}: must be between 0 and 1")
+        if self.block_size < 1:
+            raise QConvertError(f"--block-size {self.block_size}: must be positive")
+
+
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over every token the linear reads, in float32."""
+
+    def __init__(self, columns: int, device: torch.device):
+        self.matrix = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.tokens + n
+        self.matrix.mul_(self.tokens / total).add_(_gram(x), alpha=2 / total)
+        self.tokens = total
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx accumulated and returned in float32."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        # products of 16-bit values are exact in fp32; this skips a float32 copy of x and runs on tensor cores
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    x = x.float()
+    return x.T @ x
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); λ grows tenfold (with a
+    warning) while H + λI is not positive definite. Damps h in place (a 14336² Hessian is 822 MB:
+    no copy of it is made, and each intermediate is freed as soon as the next exists)."""
+    mean_diag = float(torch.diag(h).mean())
+    added = 0.0
+    for attempt in range(6):
+        lam = damp * 10**attempt * mean_diag
+        h.diagonal().add_(lam - added)
+        added = lam
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(factor)
+            del factor
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
+            if int(info) == 0:
+                if attempt:
+                    log.warning("%s: Hessian not positive definite with damp %g; used damp %g",
+                                name, damp, damp * 10**attempt)
+                return upper
+    raise QConvertError(f"{name}: the Hessian stays singular even with damp {damp * 10**5:g} "
+                        "(too little calibration data for this layer?)")
+
+
+def _params(w: torch.Tensor, config: GPTQConfig, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (as float) for the columns w [rows, n] of one group."""
+    bits = config.bits
+    scale, zero = minmax_params(w[:, None, :], bits, config.symmetric, scale_dtype, config.zero_floor)
+    scale = scale[:, 0]
+    z = torch.full_like(scale, 1 << (bits - 1), dtype=torch.float32) if zero is None else zero[:, 0].float()
+    return scale, z
+
+
+def gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    config: GPTQConfig,
+    scale_dtype: torch.dtype,
+    name: str = "",
+) -> QuantizedTensor:
+    """Quantize w [rows, cols] (rows may be several linears that share the input) given H [cols, cols],
+    which is used up (damped and permuted in place)."""
+    rows, cols = w.shape
+    g = cols if config.group_size == -1 else config.group_size
+    if cols % g:
+        raise QConvertError(f"{name}: group size {g} does not divide input size {cols}")
+    maxq = (1 << config.bits) - 1
+    W = w.detach().float().clone()
+    H = hessian
+    del hessian  # H is the only name for it now, so `del H` frees it
+    # a column no calibration token reached: unit diagonal, so it is rounded alone and passes no error on
+    # (its weights are kept: real inputs may still reach it)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+
+    groups = cols // g
+    scale = torch.empty(rows, groups, dtype=scale_dtype, device=W.device)
+    zero = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
+    fixed = config.static_groups or config.group_size == -1
+    if fixed:  # all group parameters from the weights, before any error feedback
+        for k in range(groups):
+            scale[:, k], zero[:, k] = _params(W[:, k * g:(k + 1) * g], config, scale_dtype)
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    column_group = ((perm.cpu() if perm is not None and fixed else torch.arange(cols)) // g).to(W.device)
+    hinv = inverse_cholesky(H, config.damp, name)
+    del H
+
+    # blocks never straddle a group boundary, so a group's parameters come from weights that have
+    # received the error of every column before it
+    block = config.block_size if fixed else math.gcd(config.block_size, g)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        if not fixed and i1 % g == 0:
+            scale[:, i1 // g], zero[:, i1 // g] = _params(W[:, i1:i1 + g], config, scale_dtype)
+        k = column_group[i1:i2]
+        codes[:, i1:i2], err = sweep_block(W[:, i1:i2].clone(), hinv[i1:i2, i1:i2],
+                                           scale[:, k].float(), zero[:, k], maxq)
+        W[:, i2:] -= err @ hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if not fixed:  # column c was quantized at position inv[c], in that position's group
+            g_idx = (inv // g).to(torch.int32).cpu()
+    zero_codes = None if config.symmetric else zero.to(torch.uint8)
+    return QuantizedTensor(codes, scale, zero_codes, config.bits, config.group_size, g_idx)
+
+
+def sweep_block(w1: torch.Tensor, h1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+    """Quantize the columns of one block in order, each one's error passed on to the columns after it
+    within the block. w1, scale, zero: [rows, B]; h1: [B, B]. Returns (codes uint8, scaled errors)."""
+    if w1.is_cuda and gptq_kernel.available(w1.device):  # one launch per block instead of ~10 per column
+        return gptq_kernel.quantize_block(w1, h1, scale, zero, maxq)
+    codes = torch.empty(w1.shape, dtype=torch.uint8, device=w1.device)
+    err = torch.empty_like(w1)
+    for i in range(w1.shape[1]):
+        col, s, z = w1[:, i], scale[:, i], zero[:, i]
+        q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+        codes[:, i] = q.to(torch.uint8)
+        e = (col - (q - z) * s) / h1[i, i]
+        w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+        err[:, i] = e
+    return codes, err
+
+
+def _take_hessian(stats: Hessian | None, weight: torch.Tensor) -> torch.Tensor:
+    """The accumulated H, handed over (gptq() damps it in place and frees it early)."""
+    if stats is None or stats.tokens == 0:
+        # an expert the router never chose: with H = I no error is passed on, which is plain rounding
+        return torch.eye(weight.shape[1], device=weight.device)
+    hessian, stats.matrix = stats.matrix, None
+    return hessian
+
+
+@register(GPTQConfig)
+class GPTQ(Algorithm):
+    def __init__(self, config: GPTQConfig, arch):
+        super().__init__(config, arch)
+        self.sequential = config.true_sequential
+
+    def statistics(self, inputs: InputSet) -> Hessian:
+        weight = inputs.linears[0].weight
+        return Hessian(weight.shape[1], weight.device)
+
+    def quantize(self, inputs, stats, scale_dtype):
+        """The linears of one input set are swept as one matrix: they share H and its inverse."""
+        name = ", ".join(inputs.names)
+        weights = [lin.weight for lin in inputs.linears]
+        qt = gptq(torch.cat(weights), _take_hessian(stats, weights[0]), self.config, scale_dtype, name)
+        if len(weights) == 1:
+            return [qt]
+        rows = [w.shape[0] for w in weights]
+        zeros = qt.zero.split(rows) if qt.zero is not None else [None] * len(rows)
+        return [QuantizedTensor(c, s, z, qt.bits, qt.group_size, qt.g_idx)
+                for c, s, z in zip(qt.codes.split(rows), qt.scale.split(rows), zeros)]

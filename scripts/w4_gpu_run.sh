@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPTQ / AWQ on the GPU machine (device): kernel tests, a tiny end-to-end check, then the side-by-side speed run
+# against llm-compressor (scripts/w4_gpu_bench.py). Needs .whl (gguf, transformers) and .peer (llm-compressor's
+# wheels in .peer/whl, a tokenizer in .peer/tok, ../shared/bench/peer_llmcompressor_gpu.py) carried. LAYERS: 4 or 32.
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peer-site .peer/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi -L
+if [ "${SKIP_CHECKS:-0}" != 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_gptq_kernel.py 2>&1 | tail -3
+  python3 -c "
+from qconvert.testing.tiny_models import make_tiny_model
+make_tiny_model('/tmp/m', 'llama', 4, tokenizer='sentencepiece', hidden_size=1024, intermediate_size=2816, head_dim=64, num_attention_heads=16, num_key_value_heads=4)
+"
+  for m in gptq awq; do
+    for d in cuda cpu; do
+      python3 -m qconvert $m /tmp/m -o /tmp/$m-$d --device $d --samples 32 --seq-len 256 -q --json > $OUT/tiny_$m-$d.json || echo "$m $d FAILED"
+      python3 -m qconvert eval /tmp/$m-$d --base /tmp/m --device cuda --samples 8 --seq-len 256 --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('$m $d ppl', d['perplexity'], 'kl', d['kl_divergence'])"
+    done
+  done
+fi
+python3 scripts/w4_gpu_bench.py --layers ${LAYERS:-4} --methods ${METHODS:-gptq,awq} ${PEER---peer .peer/peer_llmcompressor_gpu.py} 2>&1 | tee $OUT/bench.jsonl

@@ -1,0 +1,157 @@
+"""W4A16 quality side by side: qconvert RTN / GPTQ / AWQ vs llm-compressor 0.14 (the peer) on real models.
+
+    python scripts/w4_quality.py [--models smollm2,gemma3] [--runs base,rtn-sym,...] [--work DIR]
+                                 [--peer-python /work/venvs/llmc/bin/python] [--timeout 3600]
+
+Every run sees the same calibration tokens (qconvert's `--dataset mixed --samples 128 --seq-len 512 --seed 0`,
+saved to WORK/ids-MODEL.pt and fed to the peer) and is scored by qconvert's own evaluation code on the same
+40 x 512 held-out windows against the bf16 base. Conversions and scores are cached in WORK (an output dir with
+config.json is not rebuilt; a score in WORK/results.json is not recomputed), so a rerun only does what is
+missing; a qconvert command that does not exist yet is marked "not available" and retried next time.
+The peer venv: see scripts/peer_llmcompressor.py. Logs of each conversion: WORK/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODELS_DIR = Path("~/.cache/qconvert/models").expanduser()
+# name: (directory, group size, evaluation dtype). SmolLM2's hidden 576 is no multiple of 128. Gemma-3 NaNs in
+# float16 only; float32 is exact and, on a CPU without native bf16 (AVX2), 2.3x faster than bfloat16.
+MODELS = {"smollm2": ("smollm2-135m", 64, torch.float32), "gemma3": ("gemma3-270m", 128, torch.float32)}
+RUNS = ["base", "rtn-sym", "rtn-asym", "peer-gptq", "peer-awq", "gptq", "gptq-actorder", "awq"]
+PEER = Path(__file__).with_name("peer_llmcompressor.py")
+
+
+def command(run: str, model: Path, group: int, out: Path, ids: Path, peer: list[str]) -> list[str]:
+    q = [sys.executable, "-m", "qconvert"]
+    w4 = ["--w-bit", "4", "--group", str(group), "-o", str(out), "--overwrite"]  # no config.json: a leftover
+    cal = ["--dataset", "mixed", "--samples", "128", "--seq-len", "512", "--seed", "0"]  # the defaults, spelled out
+    ct = ["--format", "compressed-tensors"]  # what qconvert.eval reads back
+    return {
+        "rtn-sym": [*q, "rtn", str(model), *w4, "--sym"],
+        "rtn-asym": [*q, "rtn", str(model), *w4, "--asym"],
+        "gptq": [*q, "gptq", str(model), *w4, *ct, *cal],
+        "gptq-actorder": [*q, "gptq", str(model), *w4, *ct, *cal, "--act-order"],
+        "awq": [*q, "awq", str(model), *w4, *ct, *cal],
+        "peer-gptq": [peer[0], str(PEER), str(model), "gptq", str(out), "--ids", str(ids), "--group", str(group),
+                      "--dtype", peer[1]],
+        "peer-awq": [peer[0], str(PEER), str(model), "awq", str(out), "--ids", str(ids), "--group", str(group),
+                     "--dtype", peer[1]],
+    }[run]
+
+
+def convert(cmd: list[str], out: Path, log: Path, timeout: int) -> dict:
+    """Run one conversion (unless its output exists); {status, seconds[, peer]}."""
+    if (out / "config.json").is_file():
+        return {"status": "ok", **_peer_line(log)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  $ {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    try:
+        with log.open("w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout} s", "seconds": round(time.perf_counter() - start, 1)}
+    seconds = round(time.perf_counter() - start, 1)
+    if rc != 0:
+        status = "not available" if "No such command" in log.read_text() else f"failed (rc {rc}, see {log})"
+        return {"status": status, "seconds": seconds}
+    return {"status": "ok", "seconds": seconds, **_peer_line(log)}
+
+
+def _peer_line(log: Path) -> dict:
+    """The peer's own last line {method, group, dtype, seconds (oneshot alone), maxrss_mb}, if the log ends in one."""
+    lines = log.read_text().strip().splitlines() if log.is_file() else []
+    return {"peer": json.loads(lines[-1])} if lines and lines[-1].startswith("{") else {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2,gemma3")
+    p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--work", type=Path, default=Path("~/.cache/qconvert/w4_quality").expanduser())
+    p.add_argument("--peer-python", default="/work/venvs/llmc/bin/python")
+    p.add_argument("--peer-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="what the peer calibrates in (qconvert computes in float32 on a CPU; bf16 is 1.7x slower here)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per conversion")
+    a = p.parse_args()
+
+    from qconvert.calibration.datasets import load_texts
+    from qconvert.calibration.tokens import evaluation_windows
+    from qconvert.eval.loader import load_model
+    from qconvert.eval.metrics import evaluate
+    from qconvert.pipeline import Calibration, calibration_tokens
+
+    torch.set_num_threads(2)
+    a.work.mkdir(parents=True, exist_ok=True)
+    results_path = a.work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    cpu = torch.device("cpu")
+    for name in a.models.split(","):
+        dirname, group, dtype = MODELS[name]
+        model_dir = MODELS_DIR / dirname
+        ids = a.work / f"ids-{name}.pt"
+        if not ids.exists():
+            torch.save(calibration_tokens(model_dir, Calibration("mixed", 128, 512, 0)), ids)
+        rows = results.setdefault(name, {})
+        base = windows = None
+        for run in a.runs.split(","):
+            row = rows.get(run, {})
+            if run != "base":
+                out = a.work / f"{name}-{run}-w4g{group}"
+                if run.startswith("peer"):
+                    out = out.with_name(f"{out.name}-{a.peer_dtype}")
+                    if row.get("peer_dtype") != a.peer_dtype:
+                        row = {"peer_dtype": a.peer_dtype}
+                cmd = command(run, model_dir, group, out, ids, [a.peer_python, a.peer_dtype])
+                row.update(convert(cmd, out, a.work / "logs" / f"{name}-{run}.log", a.timeout))
+                row["command"] = " ".join(cmd)
+            if (run == "base" or row["status"] == "ok") and "perplexity" not in row:
+                if base is None:
+                    base, tokenizer = load_model(str(model_dir), dtype, cpu)
+                    windows = evaluation_windows(load_texts("heldout", tokenizer), tokenizer, 40, 512)
+                start = time.perf_counter()
+                if run == "base":
+                    score = evaluate(base, windows)
+                else:
+                    model = load_model(str(out), dtype, cpu)[0]
+                    score = evaluate(model, windows, base)
+                    del model
+                row.update(vars(score), eval_seconds=round(time.perf_counter() - start, 1), eval_dtype=str(dtype))
+            rows[run] = row
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{name} {run}: {json.dumps({k: v for k, v in row.items() if k != 'command'})}", flush=True)
+        print_table(name, group, rows)
+
+
+def print_table(name: str, group: int, rows: dict) -> None:
+    base_ppl = rows.get("base", {}).get("perplexity")
+    dtype = next((r["eval_dtype"] for r in rows.values() if "eval_dtype" in r), "?")
+    print(f"\n### {name} (W4, group {group}; evaluated in {dtype.removeprefix('torch.')}, "
+          f"40 x 512 held-out tokens)\n")
+    print("| run | perplexity | Δppl % | KL vs base | top-1 agreement | seconds |")
+    print("|---|---|---|---|---|---|")
+    label = {r: f"{r} ({rows[r]['peer_dtype']})" if "peer_dtype" in rows[r] else r for r in rows}
+    for run in [r for r in RUNS if r in rows]:
+        row = rows[run]
+        if "perplexity" not in row:
+            print(f"| {label[run]} | {row.get('status', '-')} | | | | {row.get('seconds', '')} |")
+            continue
+        ppl = row["perplexity"]
+        delta = f"{100 * (ppl / base_ppl - 1):+.2f}" if base_ppl else ""
+        kl = f"{row['kl_divergence']:.4f}" if row.get("kl_divergence") is not None else "0"
+        top1 = f"{row['top1_agreement']:.4f}" if row.get("top1_agreement") is not None else "1"
+        print(f"| {label[run]} | {ppl:.3f} | {delta} | {kl} | {top1} | {row.get('seconds', '')} |")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
