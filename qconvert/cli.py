@@ -94,9 +94,11 @@ def gptq(
     w_bit: Annotated[int, typer.Option("--w-bit", help="Weight bits: 4 or 8 (2, 3 with --format gptq).")] = 4,
     group: Annotated[int, typer.Option("--group", help="Group size: 32, 64, 128, or -1 per channel.")] = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric.")] = True,
-    act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns by descending Hessian diagonal.")] = False,
-    static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix the groups up front "
-                                                 "in the original column order (no g_idx reordering).")] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order",
+                                            help="Quantize columns by descending Hessian diagonal.")] = True,
+    static_groups: Annotated[bool, typer.Option("--static-groups/--dynamic-groups", help="With --act-order: groups "
+                                                 "fixed up front in column order (no g_idx, so every kernel runs "
+                                                 "it), or formed in quantization order (g_idx).")] = True,
     damp: Annotated[float, typer.Option("--damp", help="Dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.")] = 128,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential",

@@ -10,6 +10,18 @@ nvidia-smi -L
 if [ "${SKIP_CHECKS:-0}" != 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_gptq_kernel.py 2>&1 | tail -3
   python3 -c "
+import torch
+from qconvert.algorithms.gptq import Hessian, inverse_cholesky
+x = torch.randn(4096, 1024, device='cuda', dtype=torch.bfloat16)
+h = Hessian(1024, x.device); h.update(x[:1000]); h.update(x[1000:])
+ref = 2 / 4096 * x.double().T @ x.double()
+print('hessian on cuda: max rel err', float((h.matrix.double() - ref).abs().max() / ref.abs().max()))
+ref += 0.01 * torch.diag(ref).mean() * torch.eye(1024, device='cuda', dtype=torch.float64)
+want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+got = inverse_cholesky(h.matrix, 0.01)
+print('inverse cholesky in place on cuda: max rel err', float((got.double() - want).abs().max() / want.abs().max()))
+"
+  python3 -c "
 from qconvert.testing.tiny_models import make_tiny_model
 make_tiny_model('/tmp/m', 'llama', 4, tokenizer='sentencepiece', hidden_size=1024, intermediate_size=2816, head_dim=64, num_attention_heads=16, num_key_value_heads=4)
 "

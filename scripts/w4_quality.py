@@ -26,7 +26,7 @@ MODELS_DIR = Path("~/.cache/qconvert/models").expanduser()
 # name: (directory, group size, evaluation dtype). SmolLM2's hidden 576 is no multiple of 128. Gemma-3 NaNs in
 # float16 only; float32 is exact and, on a CPU without native bf16 (AVX2), 2.3x faster than bfloat16.
 MODELS = {"smollm2": ("smollm2-135m", 64, torch.float32), "gemma3": ("gemma3-270m", 128, torch.float32)}
-RUNS = ["base", "rtn-sym", "rtn-asym", "peer-gptq", "peer-awq", "gptq", "gptq-actorder", "awq"]
+RUNS = ["base", "rtn-sym", "rtn-asym", "peer-gptq", "peer-awq", "gptq", "gptq-actorder", "gptq-actorder-static", "awq"]
 PEER = Path(__file__).with_name("peer_llmcompressor.py")
 
 
@@ -40,6 +40,7 @@ def command(run: str, model: Path, group: int, out: Path, ids: Path, peer: list[
         "rtn-asym": [*q, "rtn", str(model), *w4, "--asym"],
         "gptq": [*q, "gptq", str(model), *w4, *ct, *cal],
         "gptq-actorder": [*q, "gptq", str(model), *w4, *ct, *cal, "--act-order"],
+        "gptq-actorder-static": [*q, "gptq", str(model), *w4, *ct, *cal, "--act-order", "--static-groups"],
         "awq": [*q, "awq", str(model), *w4, *ct, *cal],
         "peer-gptq": [peer[0], str(PEER), str(model), "gptq", str(out), "--ids", str(ids), "--group", str(group),
                       "--dtype", peer[1]],
@@ -62,7 +63,8 @@ def convert(cmd: list[str], out: Path, log: Path, timeout: int) -> dict:
         return {"status": f"timed out after {timeout} s", "seconds": round(time.perf_counter() - start, 1)}
     seconds = round(time.perf_counter() - start, 1)
     if rc != 0:
-        status = "not available" if "No such command" in log.read_text() else f"failed (rc {rc}, see {log})"
+        status = ("not available" if "No such command" in log.read_text() else
+                  f"stopped (signal {-rc})" if rc < 0 else f"failed (rc {rc}, see {log})")
         return {"status": status, "seconds": seconds}
     return {"status": "ok", "seconds": seconds, **_peer_line(log)}
 
@@ -82,6 +84,8 @@ def main() -> None:
     p.add_argument("--peer-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="what the peer calibrates in (qconvert computes in float32 on a CPU; bf16 is 1.7x slower here)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per conversion")
+    p.add_argument("--device", default="cpu", help="where the evaluation runs (conversions pick the GPU themselves)")
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     a = p.parse_args()
 
     from qconvert.calibration.datasets import load_texts
@@ -90,14 +94,15 @@ def main() -> None:
     from qconvert.eval.metrics import evaluate
     from qconvert.pipeline import Calibration, calibration_tokens
 
-    torch.set_num_threads(2)
+    if a.device == "cpu":
+        torch.set_num_threads(2)
     a.work.mkdir(parents=True, exist_ok=True)
     results_path = a.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    cpu = torch.device("cpu")
+    cpu = torch.device(a.device)
     for name in a.models.split(","):
         dirname, group, dtype = MODELS[name]
-        model_dir = MODELS_DIR / dirname
+        model_dir = a.models_dir / dirname
         ids = a.work / f"ids-{name}.pt"
         if not ids.exists():
             torch.save(calibration_tokens(model_dir, Calibration("mixed", 128, 512, 0)), ids)

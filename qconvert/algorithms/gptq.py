@@ -31,8 +31,8 @@ class GPTQConfig:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True  # with static groups: llm-compressor's default too, and the best here (README)
+    static_groups: bool = True
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
@@ -63,40 +63,59 @@ class Hessian:
         if n == 0:
             return
         total = self.tokens + n
-        self.matrix.mul_(self.tokens / total).add_(_gram(x), alpha=2 / total)
+        _add_gram(self.matrix, x, self.tokens / total, 2 / total)
         self.tokens = total
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx accumulated and returned in float32."""
+def _add_gram(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    """h = beta·h + alpha·xᵀx in float32, in place (no second Hessian-sized temporary)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        # products of 16-bit values are exact in fp32; this skips a float32 copy of x and runs on tensor cores
-        return torch.mm(x.T, x, out_dtype=torch.float32)
+        # products of 16-bit values are exact in fp32: no fp32 copy of x, and tensor cores do the work
+        try:
+            torch.addmm(h, x.T, x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=h)
+            return
+        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=): one temporary, still fast
+            h.mul_(beta).add_(torch.mm(x.T, x, out_dtype=torch.float32), alpha=alpha)
+            return
     x = x.float()
-    return x.T @ x
+    h.addmm_(x.T, x, beta=beta, alpha=alpha)
+
+
+_PINNED: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def _host_copy(h: torch.Tensor) -> torch.Tensor:
+    """A host copy of h; from a GPU into a reused page-locked buffer, so the copy is a 30 ms DMA
+    rather than a 0.4 s pageable transfer into freshly faulted memory."""
+    if h.device.type == "cpu":
+        return h.clone()
+    buf = _PINNED.get(tuple(h.shape))
+    if buf is None:
+        buf = _PINNED[tuple(h.shape)] = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+    return buf.copy_(h, non_blocking=True)
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); λ grows tenfold (with a
-    warning) while H + λI is not positive definite. Damps h in place (a 14336² Hessian is 822 MB:
-    no copy of it is made, and each intermediate is freed as soon as the next exists)."""
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), computed in h's own memory (a
+    14336² Hessian is 822 MB: the three steps overwrite it rather than each taking another copy).
+    λ grows tenfold, with a warning, while H + λI is not positive definite; a host copy of H is kept
+    to start each retry from."""
     mean_diag = float(torch.diag(h).mean())
-    added = 0.0
+    backup = _host_copy(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(6):
-        lam = damp * 10**attempt * mean_diag
-        h.diagonal().add_(lam - added)
-        added = lam
-        factor, info = torch.linalg.cholesky_ex(h)
+        if attempt:
+            h.copy_(backup, non_blocking=True)
+        h.diagonal().add_(damp * 10**attempt * mean_diag)
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            inv = torch.cholesky_inverse(factor)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
                 if attempt:
                     log.warning("%s: Hessian not positive definite with damp %g; used damp %g",
                                 name, damp, damp * 10**attempt)
-                return upper
+                return h
     raise QConvertError(f"{name}: the Hessian stays singular even with damp {damp * 10**5:g} "
                         "(too little calibration data for this layer?)")
 
