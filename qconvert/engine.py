@@ -230,7 +230,7 @@ def convert(
             writer.add_tensor(arch.to_file(prefix + name), tensor)
         if inputs is not None:
             outputs = run_block(block, index, inputs)
-            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))  # zip: first batches
+            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
             den = sum(float(r.float().pow(2).sum()) for r in reference)
             report.output_error = num / max(den, 1e-30)
             inputs.hidden = outputs
