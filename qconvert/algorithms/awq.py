@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qconvert.algorithms import Algorithm, InputSet, register
-from qconvert.algorithms.rtn import BITS, GROUP_SIZES, RTNConfig, fake_quantize_groups, rtn
+from qconvert.algorithms.rtn import BITS, RTNConfig, check_bits_and_group, fake_quantize_groups, rtn
 from qconvert.errors import QConvertError
 from qconvert.model.architectures import ScaleGroup
 
@@ -44,11 +44,7 @@ class AWQConfig:
     search_tokens: int = 16384
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise QConvertError(f"--w-bit {self.bits} is not supported (choose from {', '.join(map(str, BITS))})")
-        if self.group_size not in GROUP_SIZES:
-            raise QConvertError(
-                f"--group {self.group_size} is not supported (choose from {', '.join(map(str, GROUP_SIZES))})")
+        check_bits_and_group(self.bits, self.group_size, BITS)
         if self.scale_search not in SCALE_SEARCHES:
             raise QConvertError(f"--scale-search {self.scale_search}: choose from {', '.join(SCALE_SEARCHES)}")
 

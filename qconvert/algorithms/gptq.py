@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from qconvert.algorithms import Algorithm, InputSet, gptq_kernel, register
-from qconvert.algorithms.rtn import GROUP_SIZES, minmax_params
+from qconvert.algorithms.rtn import check_bits_and_group, minmax_params
 from qconvert.errors import QConvertError
 from qconvert.quantized import QuantizedTensor
 
@@ -39,11 +39,7 @@ class GPTQConfig:
     zero_floor: int = 0  # set by the output format: GPTQ v1 cannot store a zero point of 0
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise QConvertError(f"--w-bit {self.bits} is not supported (choose from {', '.join(map(str, BITS))})")
-        if self.group_size not in GROUP_SIZES:
-            raise QConvertError(
-                f"--group {self.group_size} is not supported (choose from {', '.join(map(str, GROUP_SIZES))})")
+        check_bits_and_group(self.bits, self.group_size, BITS)
         if not 0 < self.damp < 1:
             raise QConvertError(f"--damp {self.damp}: must be between 0 and 1")
         if self.block_size < 1:

@@ -25,12 +25,15 @@ class RTNConfig:
     version: int = 1
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise QConvertError(f"--w-bit {self.bits} is not supported (choose from {', '.join(map(str, BITS))})")
-        if self.group_size not in GROUP_SIZES:
-            raise QConvertError(
-                f"--group {self.group_size} is not supported (choose from {', '.join(map(str, GROUP_SIZES))})"
-            )
+        check_bits_and_group(self.bits, self.group_size, BITS)
+
+
+def check_bits_and_group(bits: int, group_size: int, allowed_bits: tuple[int, ...]) -> None:
+    """The --w-bit / --group checks every algorithm's config makes."""
+    if bits not in allowed_bits:
+        raise QConvertError(f"--w-bit {bits} is not supported (choose from {', '.join(map(str, allowed_bits))})")
+    if group_size not in GROUP_SIZES:
+        raise QConvertError(f"--group {group_size} is not supported (choose from {', '.join(map(str, GROUP_SIZES))})")
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from qconvert.formats.bitpack import pack_bits, unpack_bits
 from qconvert.formats.casting import cast_float, cast_scale
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
 
@@ -127,15 +127,7 @@ def read(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor
     version = str(config.get("version", VERSION)).lower()
     if version != VERSION or config.get("bits", BITS) != BITS:
         raise ValueError(f"AWQ {version} {config.get('bits')}-bit: only the {BITS}-bit {VERSION} layout is read")
-    names = ckpt.names()
-    quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")}
-    for name in names:
-        module, _, suffix = name.rpartition(".")
-        if module in quantized and suffix in SUFFIXES:
-            if suffix == "qweight":
-                yield f"{module}.weight", _read_module(ckpt, module, config)
-            continue
-        yield name, ckpt.get(name)
+    yield from split_modules(ckpt, "qweight", SUFFIXES, lambda module: _read_module(ckpt, module, config))
 
 
 def _read_module(ckpt: Checkpoint, module: str, config: dict) -> QuantizedTensor:

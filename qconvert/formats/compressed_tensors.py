@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from qconvert.formats.bitpack import pack_bits, unpack_bits
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
 
@@ -141,15 +141,7 @@ def read(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor
     config = ckpt.config_dict["quantization_config"]
     if config.get("format") != FORMAT:
         raise ValueError(f"compressed-tensors format {config.get('format')!r} is not {FORMAT!r}")
-    names = ckpt.names()
-    packed = {n.removesuffix(".weight_packed") for n in names if n.endswith(".weight_packed")}
-    for name in names:
-        module, _, suffix = name.rpartition(".")
-        if module in packed and suffix in SUFFIXES:
-            if suffix == "weight_packed":
-                yield f"{module}.weight", _read_module(ckpt, module, config)
-            continue
-        yield name, ckpt.get(name)
+    yield from split_modules(ckpt, "weight_packed", SUFFIXES, lambda module: _read_module(ckpt, module, config))
 
 
 def _read_module(ckpt: Checkpoint, module: str, config: dict) -> QuantizedTensor:

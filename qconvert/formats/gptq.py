@@ -24,7 +24,7 @@ import torch
 
 from qconvert.formats.bitpack import pack_bits, unpack_bits
 from qconvert.formats.casting import cast_float, cast_scale
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
 
@@ -138,15 +138,8 @@ def read(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor
     fmt = config.get("checkpoint_format", CHECKPOINT_FORMAT)
     if fmt not in ZERO_OFFSET or config["bits"] not in BITS:
         raise ValueError(f"GPTQ checkpoint_format {fmt!r} {config['bits']}-bit is not read")
-    names = ckpt.names()
-    quantized = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")}
-    for name in names:
-        module, _, suffix = name.rpartition(".")
-        if module in quantized and suffix in SUFFIXES:
-            if suffix == "qweight":
-                yield f"{module}.weight", _read_module(ckpt, module, config, ZERO_OFFSET[fmt])
-            continue
-        yield name, ckpt.get(name)
+    yield from split_modules(ckpt, "qweight", SUFFIXES,
+                             lambda module: _read_module(ckpt, module, config, ZERO_OFFSET[fmt]))
 
 
 def _read_module(ckpt: Checkpoint, module: str, config: dict, zero_offset: int) -> QuantizedTensor:

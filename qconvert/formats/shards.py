@@ -40,6 +40,20 @@ def _copy(src, dst, size: int) -> None:
     shutil.copyfileobj(src, dst, 16 * 1024**2)
 
 
+def split_modules(ckpt, marker: str, suffixes: tuple[str, ...], read_module):
+    """Every tensor of a quantized checkpoint, in file order: each module that has a `marker` tensor
+    comes back once as (module.weight, read_module(module)), its other `suffixes` skipped."""
+    names = ckpt.names()
+    quantized = {n.removesuffix(f".{marker}") for n in names if n.endswith(f".{marker}")}
+    for name in names:
+        module, _, suffix = name.rpartition(".")
+        if module in quantized and suffix in suffixes:
+            if suffix == marker:
+                yield f"{module}.weight", read_module(module)
+            continue
+        yield name, ckpt.get(name)
+
+
 class _Shard:
     def __init__(self, scratch: Path):
         self.scratch = scratch
