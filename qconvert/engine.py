@@ -180,61 +180,13 @@ def convert(
     upcoming = reader.submit(read_block, ckpt, arch, 0)
     for index, block in enumerate(blocks):
         start = time.perf_counter()
-        prefix = f"{arch.layers}.{index}."
         stored = upcoming.result()
         if index + 1 < len(blocks):
             upcoming = reader.submit(read_block, ckpt, arch, index + 1)
         originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
         del stored
-        groups = arch.linear_groups(block)
-        sets = input_sets(groups)
-        report = LayerReport(index, 0.0)
-        reference, seen, stats = None, None, {}
-        if inputs is not None:
-            first = [s for s in sets if s.group == 0 or not algorithm.sequential]
-            seen, handles = _observe(groups, lambda n, l: None)
-            stats, feed = _feed(first, algorithm)
-            handles += feed + algorithm.observe(block, sets)
-            # the output error is measured on the first mini-batches: keeping every reference output
-            # would hold a second copy of the calibration activations through the whole block
-            reference = run_block(block, index, inputs, keep=ERROR_BATCHES)
-            for h in handles:
-                h.remove()
-        changed = algorithm.transform(block, sets) if inputs is not None else set()
-        for gi, group in enumerate(groups):
-            group_sets = [s for s in sets if s.group == gi]
-            if inputs is not None and algorithm.sequential and gi > 0:
-                stats, handles = _feed(group_sets, algorithm)
-                if stats:
-                    run_block(block, index, inputs, stop_at=_stop_before(groups[gi + 1] if gi + 1 < len(groups) else None))
-                for h in handles:
-                    h.remove()
-            for s in group_sets:
-                scale_dtype = getattr(writer, "scale_dtype", None) or originals[f"{s.names[0]}.weight"].dtype
-                qts = algorithm.quantize(s, stats.pop(s.key, None), scale_dtype)
-                for name, lin, qt in zip(s.names, s.linears, qts):
-                    tokens_seen = None if seen is None else seen[name].tokens
-                    if tokens_seen == 0:
-                        report.uncalibrated.append(name)
-                    writer.add_quantized(arch.to_file(f"{prefix}{name}.weight"), qt)
-                    dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
-                    report.linears[name] = LinearReport(_relative_error(dq, lin.weight), tokens_seen)
-                    lin.weight.data = dq
-        quantized = {f"{n}.weight" for s in sets for n in s.names}
-        params = dict(block.named_parameters())
-        for name, tensor in originals.items():
-            if name in quantized:
-                continue
-            if name in changed:
-                tensor = params[name].detach().to(device="cpu", dtype=tensor.dtype)
-            writer.add_tensor(arch.to_file(prefix + name), tensor)
-        if inputs is not None:
-            outputs = run_block(block, index, inputs)
-            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
-            den = sum(float(r.float().pow(2).sum()) for r in reference)
-            report.output_error = num / max(den, 1e-30)
-            inputs.hidden = outputs
-            del reference
+        step = _BlockStep(block, index, arch, algorithm, writer, inputs)
+        report = step.run(originals)
         unload_block(block)
         report.seconds = time.perf_counter() - start
         if report.uncalibrated:
@@ -250,6 +202,89 @@ def convert(
             ckpt.check_finite(name, tensor.to(options.device))  # 1 GB embeddings check in ms on a GPU
             writer.add_tensor(name, tensor)
     return reports
+
+
+class _BlockStep:
+    """One loaded block through the algorithm: reference pass, rewrite, quantization group by group,
+    writing, and the pass that yields the next block's inputs."""
+
+    def __init__(self, block, index: int, arch: Architecture, algorithm: Algorithm, writer, inputs):
+        self.block, self.index, self.arch, self.algorithm = block, index, arch, algorithm
+        self.writer, self.inputs = writer, inputs
+        self.prefix = f"{arch.layers}.{index}."
+        self.groups = arch.linear_groups(block)
+        self.sets = input_sets(self.groups)
+        self.report = LayerReport(index, 0.0)
+        self.seen: dict[str, Observation] | None = None
+
+    def run(self, originals: dict[str, torch.Tensor]) -> LayerReport:
+        calibrated = self.inputs is not None
+        stats, reference = self._reference_pass() if calibrated else ({}, None)
+        changed = self.algorithm.transform(self.block, self.sets) if calibrated else set()
+        for gi in range(len(self.groups)):
+            if calibrated and self.algorithm.sequential and gi > 0:
+                stats = self._group_statistics(gi)
+            for s in (s for s in self.sets if s.group == gi):
+                self._quantize(s, stats.pop(s.key, None), originals)
+        self._write_rest(originals, changed)
+        if calibrated:
+            self._advance(reference)
+        return self.report
+
+    def _reference_pass(self):
+        """The unquantized block's outputs (first batches), with token counts, the algorithm's hooks, and
+        the statistics of the first group (of every group, unless the algorithm is sequential)."""
+        first = [s for s in self.sets if s.group == 0 or not self.algorithm.sequential]
+        self.seen, handles = _observe(self.groups, lambda n, l: None)
+        stats, feed = _feed(first, self.algorithm)
+        handles += feed + self.algorithm.observe(self.block, self.sets)
+        # the output error is measured on the first mini-batches: keeping every reference output
+        # would hold a second copy of the calibration activations through the whole block
+        reference = run_block(self.block, self.index, self.inputs, keep=ERROR_BATCHES)
+        for h in handles:
+            h.remove()
+        return stats, reference
+
+    def _group_statistics(self, gi: int) -> dict:
+        """Group gi's statistics on the outputs of the groups already quantized before it."""
+        stats, handles = _feed([s for s in self.sets if s.group == gi], self.algorithm)
+        if stats:
+            following = self.groups[gi + 1] if gi + 1 < len(self.groups) else None
+            run_block(self.block, self.index, self.inputs, stop_at=_stop_before(following))
+        for h in handles:
+            h.remove()
+        return stats
+
+    def _quantize(self, s: InputSet, stats, originals) -> None:
+        """Quantize one input set, write it, and put its dequantized weights back into the block."""
+        scale_dtype = getattr(self.writer, "scale_dtype", None) or originals[f"{s.names[0]}.weight"].dtype
+        for name, lin, qt in zip(s.names, s.linears, self.algorithm.quantize(s, stats, scale_dtype)):
+            tokens_seen = None if self.seen is None else self.seen[name].tokens
+            if tokens_seen == 0:
+                self.report.uncalibrated.append(name)
+            self.writer.add_quantized(self.arch.to_file(f"{self.prefix}{name}.weight"), qt)
+            dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+            self.report.linears[name] = LinearReport(_relative_error(dq, lin.weight), tokens_seen)
+            lin.weight.data = dq
+
+    def _write_rest(self, originals: dict[str, torch.Tensor], changed: set[str]) -> None:
+        """The block's other tensors: as stored, or from the block where the algorithm rewrote them."""
+        quantized = {f"{n}.weight" for s in self.sets for n in s.names}
+        params = dict(self.block.named_parameters())
+        for name, tensor in originals.items():
+            if name in quantized:
+                continue
+            if name in changed:
+                tensor = params[name].detach().to(device="cpu", dtype=tensor.dtype)
+            self.writer.add_tensor(self.arch.to_file(self.prefix + name), tensor)
+
+    def _advance(self, reference: list[torch.Tensor]) -> None:
+        """Run the quantized block: its outputs are the next block's inputs and measure its error."""
+        outputs = run_block(self.block, self.index, self.inputs)
+        num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
+        den = sum(float(r.float().pow(2).sum()) for r in reference)
+        self.report.output_error = num / max(den, 1e-30)
+        self.inputs.hidden = outputs
 
 
 @torch.no_grad()

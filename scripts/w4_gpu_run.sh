@@ -18,7 +18,7 @@ ref = 2 / 4096 * x.double().T @ x.double()
 print('hessian on cuda: max rel err', float((h.matrix.double() - ref).abs().max() / ref.abs().max()))
 ref += 0.01 * torch.diag(ref).mean() * torch.eye(1024, device='cuda', dtype=torch.float64)
 want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
-got = inverse_cholesky(h.matrix, 0.01)
+got = inverse_cholesky([h.matrix.flip(0, 1).contiguous()], 0.01)
 print('inverse cholesky in place on cuda: max rel err', float((got.double() - want).abs().max() / want.abs().max()))
 "
   python3 -c "

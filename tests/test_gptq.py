@@ -91,10 +91,20 @@ def test_dead_columns():
 def test_indefinite_hessian_raises_damp_with_warning(caplog):
     h = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
     with caplog.at_level(logging.WARNING):
-        factor = inverse_cholesky(h, 0.01, "layer.x")
+        factor = inverse_cholesky([h.flip(0, 1)], 0.01, "layer.x")
     assert torch.isfinite(factor).all() and "used damp" in caplog.text and "layer.x" in caplog.text
     with pytest.raises(QConvertError, match="stays singular"):
-        inverse_cholesky(torch.tensor([[1.0, 0.0], [0.0, -1e9]]), 0.01, "layer.y")
+        inverse_cholesky([torch.tensor([[-1e9, 0.0], [0.0, 1.0]])], 0.01, "layer.y")
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    h = a @ a.T / 64
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(64, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    got = inverse_cholesky([h.flip(0, 1).clone()], 0.01)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=5), dict(group_size=48), dict(damp=0), dict(damp=1.5), dict(block_size=0)])

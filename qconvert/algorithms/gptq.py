@@ -91,11 +91,16 @@ def _host_copy(h: torch.Tensor) -> torch.Tensor:
     return buf.copy_(h, non_blocking=True)
 
 
-def inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), computed in h's own memory (a
-    14336² Hessian is 822 MB: the three steps overwrite it rather than each taking another copy).
-    λ grows tenfold, with a warning, while H + λI is not positive definite; a host copy of H is kept
-    to start each retry from."""
+def inverse_cholesky(box: list[torch.Tensor], damp: float, name: str = "") -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), from box = [J·H·J] (H with
+    its rows and columns reversed; the caller hands it over in the box so it is freed here).
+
+    With J·H·J = M·Mᵀ (M lower), H = R·Rᵀ for R = J·M·J (upper), so H⁻¹ = (R⁻¹)ᵀ·R⁻¹ and U = R⁻¹ =
+    J·M⁻¹·J: one factorization in place and one triangular solve, never more than two n² buffers (a
+    14336² Hessian is 822 MB; cholesky_inverse followed by a second factorization needs three).
+    λ grows tenfold, with a warning, while H + λI is not positive definite; a host copy of H is
+    kept to start each retry from."""
+    h = box.pop()
     mean_diag = float(torch.diag(h).mean())
     backup = _host_copy(h)
     info = torch.empty((), dtype=torch.int32, device=h.device)
@@ -105,13 +110,13 @@ def inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tens
         h.diagonal().add_(damp * 10**attempt * mean_diag)
         torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            torch.cholesky_inverse(h, out=h)
-            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-            if int(info) == 0:
-                if attempt:
-                    log.warning("%s: Hessian not positive definite with damp %g; used damp %g",
-                                name, damp, damp * 10**attempt)
-                return h
+            if attempt:
+                log.warning("%s: Hessian not positive definite with damp %g; used damp %g",
+                            name, damp, damp * 10**attempt)
+            inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            torch.linalg.solve_triangular(h, inv, upper=False, out=inv)
+            del h
+            return inv.flip(0, 1)
     raise QConvertError(f"{name}: the Hessian stays singular even with damp {damp * 10**5:g} "
                         "(too little calibration data for this layer?)")
 
@@ -158,10 +163,16 @@ def gptq(
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
     column_group = ((perm.cpu() if perm is not None and fixed else torch.arange(cols)) // g).to(W.device)
-    hinv = inverse_cholesky(H, config.damp, name)
+    # H in quantization order, reversed (see inverse_cholesky), one axis at a time so that the 822 MB
+    # down_proj Hessian exists at most twice
+    order = (perm if perm is not None else torch.arange(cols, device=H.device)).flip(0)
+    H = H.index_select(0, order)
+    H = H.index_select(1, order)
+    box = [H]
     del H
+    hinv = inverse_cholesky(box, config.damp, name)
 
     # blocks never straddle a group boundary, so a group's parameters come from weights that have
     # received the error of every column before it
