@@ -172,36 +172,55 @@ def convert(
     algorithm = algorithm_for(config, arch)
     model = build_skeleton(ckpt, arch, options.dtype)
     blocks = decoder_blocks(model, arch)
-    inputs = None
-    if tokens is not None:
-        inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
     reports = []
-    reader = ThreadPoolExecutor(max_workers=1)  # reads the next block from disk while this one computes
-    upcoming = reader.submit(read_block, ckpt, arch, 0)
-    for index, block in enumerate(blocks):
-        start = time.perf_counter()
-        stored = upcoming.result()
-        if index + 1 < len(blocks):
-            upcoming = reader.submit(read_block, ckpt, arch, index + 1)
-        originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
-        del stored
-        step = _BlockStep(block, index, arch, algorithm, writer, inputs)
-        report = step.run(originals)
-        unload_block(block)
-        report.seconds = time.perf_counter() - start
-        if report.uncalibrated:
-            log.warning("layer %d: %d linear(s) saw no calibration token: %s", index,
-                        len(report.uncalibrated), ", ".join(report.uncalibrated[:4]))
-        reports.append(report)
-        on_layer(report)
-    reader.shutdown()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        # the next block is read while this one computes, and the tensors outside the blocks
+        # (embeddings, lm_head: 2 GB for an 8B model) are copied through meanwhile
+        pin = options.device.type == "cuda"
+        upcoming = pool.submit(read_block, ckpt, arch, 0, pin)
+        outside = pool.submit(_write_outside_blocks, ckpt, arch, writer)
+        warm = pool.submit(_warm_up, algorithm, options) if pin and tokens is not None else None
+        inputs = None
+        if tokens is not None:
+            inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
+        for index, block in enumerate(blocks):
+            start = time.perf_counter()
+            stored = upcoming.result()
+            if index + 1 < len(blocks):
+                upcoming = pool.submit(read_block, ckpt, arch, index + 1, pin)
+            originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
+            del stored
+            step = _BlockStep(block, index, arch, algorithm, writer, inputs)
+            report = step.run(originals)
+            unload_block(block)
+            report.seconds = time.perf_counter() - start
+            if report.uncalibrated:
+                log.warning("layer %d: %d linear(s) saw no calibration token: %s", index,
+                            len(report.uncalibrated), ", ".join(report.uncalibrated[:4]))
+            reports.append(report)
+            on_layer(report)
+        outside.result()
+        if warm is not None:
+            warm.result()
+    return reports
+
+
+def _warm_up(algorithm: Algorithm, options: EngineOptions) -> None:
+    """The first matrix product and attention call in a process load cuBLAS and the attention kernels
+    (about a second with the algorithm's own): done while the CPU embeds the calibration tokens."""
+    x = torch.randn(1, 2, 128, 64, device=options.device, dtype=options.dtype)
+    torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(128, 128, dtype=torch.bool,
+                                                                                    device=x.device).tril())
+    x = torch.randn(256, 256, device=options.device, dtype=options.dtype)
+    torch.nn.functional.linear(x, x)
+    algorithm.warm_up(options.device)
+
+
+def _write_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer) -> None:
     layer_prefix = f"{arch.layers}."
     for name in ckpt.names():
         if not name.startswith(layer_prefix):
-            tensor = ckpt.load([name], check=False)[name]
-            ckpt.check_finite(name, tensor.to(options.device))  # 1 GB embeddings check in ms on a GPU
-            writer.add_tensor(name, tensor)
-    return reports
+            writer.add_tensor(name, ckpt.get(name))
 
 
 class _BlockStep:
@@ -247,10 +266,14 @@ class _BlockStep:
 
     def _group_statistics(self, gi: int) -> dict:
         """Group gi's statistics on the outputs of the groups already quantized before it."""
-        stats, handles = _feed([s for s in self.sets if s.group == gi], self.algorithm)
+        sets = [s for s in self.sets if s.group == gi]
+        stats, handles = _feed(sets, self.algorithm)
         if stats:
             following = self.groups[gi + 1] if gi + 1 < len(self.groups) else None
-            run_block(self.block, self.index, self.inputs, stop_at=_stop_before(following))
+            # the last group: when one linear's input feeds it all, the pass can end right there
+            # (its statistics hook runs before the stop, being registered first)
+            stop = _stop_before(following) if following else sets[0].linears[0] if len(sets) == 1 else None
+            run_block(self.block, self.index, self.inputs, stop_at=stop)
         for h in handles:
             h.remove()
         return stats

@@ -38,8 +38,9 @@ def command(run: str, model: Path, group: int, out: Path, ids: Path, peer: list[
     return {
         "rtn-sym": [*q, "rtn", str(model), *w4, "--sym"],
         "rtn-asym": [*q, "rtn", str(model), *w4, "--asym"],
-        "gptq": [*q, "gptq", str(model), *w4, *ct, *cal],
-        "gptq-actorder": [*q, "gptq", str(model), *w4, *ct, *cal, "--act-order"],
+        # qconvert gptq's default (act-order, static groups, damp 0.01) is llm-compressor's GPTQModifier default
+        "gptq": [*q, "gptq", str(model), *w4, *ct, *cal, "--no-act-order"],
+        "gptq-actorder": [*q, "gptq", str(model), *w4, *ct, *cal, "--act-order", "--static-groups"],
         "gptq-actorder-static": [*q, "gptq", str(model), *w4, *ct, *cal, "--act-order", "--static-groups"],
         "awq": [*q, "awq", str(model), *w4, *ct, *cal],
         "peer-gptq": [peer[0], str(PEER), str(model), "gptq", str(out), "--ids", str(ids), "--group", str(group),

@@ -38,14 +38,14 @@ def _hessian(x):
 def test_output_error_below_rtn(bits, group, sym):
     w, x = _layer()
     h = _hessian(x)
-    qt = gptq(w, h.clone(), GPTQConfig(bits, group, sym), torch.float16)
+    qt = gptq(w, [h.clone()], GPTQConfig(bits, group, sym), torch.float16)
     assert int(qt.codes.max()) < 2**bits and qt.g_idx is None
     ref = rtn(w, RTNConfig(8 if bits == 8 else 4, group, sym), scale_dtype=torch.float16) if bits in (4, 8) else None
     err = _output_error(x, w, qt.dequantize().float())
     if ref is not None:
         assert err < 0.8 * _output_error(x, w, ref.dequantize().float())
     # against GPTQ's own rounding without error feedback (H = I)
-    plain = gptq(w, torch.eye(w.shape[1]), GPTQConfig(bits, group, sym), torch.float16)
+    plain = gptq(w, [torch.eye(w.shape[1])], GPTQConfig(bits, group, sym), torch.float16)
     assert err < 0.8 * _output_error(x, w, plain.dequantize().float())
 
 
@@ -55,8 +55,8 @@ def test_act_order(static):
     x[:, 100:110] *= 30  # loud channels away from the start, so the order really changes
     h = _hessian(x)
     cfg = GPTQConfig(4, 64, True, act_order=True, static_groups=static)
-    qt = gptq(w, h.clone(), cfg, torch.float16)
-    plain = gptq(w, h.clone(), GPTQConfig(4, 64, True, act_order=False), torch.float16)
+    qt = gptq(w, [h.clone()], cfg, torch.float16)
+    plain = gptq(w, [h.clone()], GPTQConfig(4, 64, True, act_order=False), torch.float16)
     if static:
         assert qt.g_idx is None  # groups stay the contiguous column ranges
     else:
@@ -73,15 +73,15 @@ def test_shared_input_linears_swept_together_equal_alone():
     """q/k/v share H; sweeping them as one matrix must equal sweeping each alone (rows are independent)."""
     w, x = _layer(rows=96)
     h = _hessian(x)
-    together = gptq(w, h.clone(), GPTQConfig(4, 128, False), torch.bfloat16)
-    alone = gptq(w[:40], h.clone(), GPTQConfig(4, 128, False), torch.bfloat16)
+    together = gptq(w, [h.clone()], GPTQConfig(4, 128, False), torch.bfloat16)
+    alone = gptq(w[:40], [h.clone()], GPTQConfig(4, 128, False), torch.bfloat16)
     assert torch.equal(together.codes[:40], alone.codes) and torch.equal(together.scale[:40], alone.scale)
 
 
 def test_dead_columns():
     w, x = _layer()
     x[:, 5] = 0
-    qt = gptq(w, _hessian(x), GPTQConfig(4, 128, True), torch.float16)
+    qt = gptq(w, [_hessian(x)], GPTQConfig(4, 128, True), torch.float16)
     dq = qt.dequantize().float()
     assert torch.isfinite(dq).all()
     # the dead column is still rounded from its own weights, not zeroed
@@ -122,3 +122,18 @@ def test_every_architecture_runs(tiny, qconvert, tmp_path, arch):
     summary = res.json()
     assert summary["method"] == "gptq" and all(layer["output_error"] < 0.1 for layer in summary["layers"])
     assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("n", [1, 37, 300, 1031])
+def test_invert_lower_by_halves(n):
+    """The recursive inverse (leaves small enough to recurse several levels) equals a triangular solve."""
+    from qconvert.algorithms.gptq import invert_lower
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    m = torch.linalg.cholesky(x.T @ x / n + 0.1 * torch.eye(n, dtype=torch.float64))
+    want = torch.linalg.solve_triangular(m, torch.eye(n, dtype=torch.float64), upper=False)
+    got = m.clone()
+    invert_lower(got, leaf=16)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
+    assert torch.equal(got.triu(1), torch.zeros_like(got))

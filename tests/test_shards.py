@@ -47,3 +47,34 @@ def test_shards_and_index(tmp_path):
     for name, t in _tensors().items():
         got = load_file(tmp_path / index["weight_map"][name])[name]
         assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+def test_header_larger_than_its_reserved_room(tmp_path):
+    """Past HEADER_ROOM the shard is rewritten behind a header of the right size."""
+    from qconvert.formats.shards import HEADER_ROOM
+
+    tensors = {f"model.layers.{i}.a_rather_long_module_name.weight": torch.full((3,), i, dtype=torch.int32)
+               for i in range(HEADER_ROOM // 60)}
+    writer = ShardWriter(tmp_path)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    path = tmp_path / "model.safetensors"
+    assert int.from_bytes(path.read_bytes()[:8], "little") > HEADER_ROOM
+    back = load_file(path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
+
+
+def test_adds_from_several_threads(tmp_path):
+    """The engine writes the embeddings from a second thread while the blocks are written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    writer = ShardWriter(tmp_path, max_shard_bytes=5000)
+    parts = [{f"t{k}.{i}": torch.full((100 + i,), k * 1000 + i, dtype=torch.int32) for i in range(40)} for k in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda part: [writer.add(n, t) for n, t in part.items()], parts))
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for part in parts:
+        for name, t in part.items():
+            assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], t)

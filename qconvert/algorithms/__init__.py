@@ -59,6 +59,10 @@ class Algorithm:
         """The set's linears, quantized from their current weights (one result per linear)."""
         raise NotImplementedError
 
+    def warm_up(self, device: torch.device) -> None:
+        """Run the algorithm's GPU kernels once on a tiny input: their first use in a process (library
+        handles, compiled kernels) costs up to a second, which the engine hides behind CPU work."""
+
 
 def register(config_type: type):
     def wrap(cls: type) -> type:

@@ -77,48 +77,49 @@ def _add_gram(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> No
     h.addmm_(x.T, x, beta=beta, alpha=alpha)
 
 
-_PINNED: dict[tuple[int, ...], torch.Tensor] = {}
-
-
-def _host_copy(h: torch.Tensor) -> torch.Tensor:
-    """A host copy of h; from a GPU into a reused page-locked buffer, so the copy is a 30 ms DMA
-    rather than a 0.4 s pageable transfer into freshly faulted memory."""
-    if h.device.type == "cpu":
-        return h.clone()
-    buf = _PINNED.get(tuple(h.shape))
-    if buf is None:
-        buf = _PINNED[tuple(h.shape)] = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
-    return buf.copy_(h, non_blocking=True)
-
-
 def inverse_cholesky(box: list[torch.Tensor], damp: float, name: str = "") -> torch.Tensor:
     """U, the upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), from box = [J·H·J] (H with
     its rows and columns reversed; the caller hands it over in the box so it is freed here).
 
     With J·H·J = M·Mᵀ (M lower), H = R·Rᵀ for R = J·M·J (upper), so H⁻¹ = (R⁻¹)ᵀ·R⁻¹ and U = R⁻¹ =
-    J·M⁻¹·J: one factorization in place and one triangular solve, never more than two n² buffers (a
-    14336² Hessian is 822 MB; cholesky_inverse followed by a second factorization needs three).
-    λ grows tenfold, with a warning, while H + λI is not positive definite; a host copy of H is
-    kept to start each retry from."""
+    J·M⁻¹·J: one factorization and one triangular inversion, never more than two n² buffers (a 14336²
+    Hessian is 822 MB; cholesky_inverse followed by a second factorization needs three).
+    λ grows tenfold, with a warning, while H + λI is not positive definite."""
     h = box.pop()
     mean_diag = float(torch.diag(h).mean())
-    backup = _host_copy(h)
-    info = torch.empty((), dtype=torch.int32, device=h.device)
+    added = 0.0
     for attempt in range(6):
-        if attempt:
-            h.copy_(backup, non_blocking=True)
-        h.diagonal().add_(damp * 10**attempt * mean_diag)
-        torch.linalg.cholesky_ex(h, out=(h, info))
+        lam = damp * 10**attempt * mean_diag
+        h.diagonal().add_(lam - added)
+        added = lam
+        m, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            if attempt:
-                log.warning("%s: Hessian not positive definite with damp %g; used damp %g",
-                            name, damp, damp * 10**attempt)
-            inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            torch.linalg.solve_triangular(h, inv, upper=False, out=inv)
-            del h
-            return inv.flip(0, 1)
-    raise QConvertError(f"{name}: the Hessian stays singular even with damp {damp * 10**5:g} "
-                        "(too little calibration data for this layer?)")
+            break
+        del m
+    else:
+        raise QConvertError(f"{name}: the Hessian stays singular even with damp {damp * 10**5:g} "
+                            "(too little calibration data for this layer?)")
+    if attempt:
+        log.warning("%s: Hessian not positive definite with damp %g; used damp %g", name, damp, damp * 10**attempt)
+    del h
+    invert_lower(m)
+    return m.flip(0, 1)
+
+
+def invert_lower(m: torch.Tensor, leaf: int = 1024) -> None:
+    """m ← m⁻¹ in place for a lower-triangular m, by halves: [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0],
+    [−D⁻¹·C·A⁻¹, D⁻¹]]. A third of the multiply-adds of a triangular solve against I, nearly all in
+    matrix products, and half an n² of scratch rather than a second n² buffer."""
+    n = m.shape[0]
+    if n <= leaf:
+        m.copy_(torch.linalg.solve_triangular(m, torch.eye(n, dtype=m.dtype, device=m.device), upper=False))
+        return
+    k = n // 2
+    k += -k % 128 if k >= 128 else 0  # tile-aligned halves for the products
+    a, c, d = m[:k, :k], m[k:, :k], m[k:, k:]
+    invert_lower(a, leaf)
+    invert_lower(d, leaf)
+    c.copy_(d @ (c @ a)).neg_()
 
 
 def _params(w: torch.Tensor, config: GPTQConfig, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,21 +133,21 @@ def _params(w: torch.Tensor, config: GPTQConfig, scale_dtype) -> tuple[torch.Ten
 
 def gptq(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: list[torch.Tensor],
     config: GPTQConfig,
     scale_dtype: torch.dtype,
     name: str = "",
 ) -> QuantizedTensor:
-    """Quantize w [rows, cols] (rows may be several linears that share the input) given H [cols, cols],
-    which is used up (damped and permuted in place)."""
+    """Quantize w [rows, cols] (rows may be several linears that share the input) given hessian = [H]
+    ([cols, cols]), which is taken out of its box and used up: an argument passed bare stays referenced
+    by the caller's frame for the whole call, and H must be freed as soon as it is permuted."""
     rows, cols = w.shape
     g = cols if config.group_size == -1 else config.group_size
     if cols % g:
         raise QConvertError(f"{name}: group size {g} does not divide input size {cols}")
     maxq = (1 << config.bits) - 1
     W = w.detach().float().clone()
-    H = hessian
-    del hessian  # H is the only name for it now, so `del H` frees it
+    H = hessian.pop()
     # a column no calibration token reached: unit diagonal, so it is rounded alone and passes no error on
     # (its weights are kept: real inputs may still reach it)
     dead = torch.diag(H) == 0
@@ -229,6 +230,12 @@ class GPTQ(Algorithm):
         super().__init__(config, arch)
         self.sequential = config.true_sequential
 
+    def warm_up(self, device):
+        cols = 2 * (self.config.group_size if self.config.group_size > 0 else 128)
+        h = Hessian(cols, device)
+        h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
+        gptq(torch.randn(64, cols, device=device), [h.matrix], self.config, torch.float16)
+
     def statistics(self, inputs: InputSet) -> Hessian:
         weight = inputs.linears[0].weight
         return Hessian(weight.shape[1], weight.device)
@@ -237,7 +244,7 @@ class GPTQ(Algorithm):
         """The linears of one input set are swept as one matrix: they share H and its inverse."""
         name = ", ".join(inputs.names)
         weights = [lin.weight for lin in inputs.linears]
-        qt = gptq(torch.cat(weights), _take_hessian(stats, weights[0]), self.config, scale_dtype, name)
+        qt = gptq(torch.cat(weights), [_take_hessian(stats, weights[0])], self.config, scale_dtype, name)
         if len(weights) == 1:
             return [qt]
         rows = [w.shape[0] for w in weights]

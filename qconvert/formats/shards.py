@@ -1,6 +1,6 @@
 """Streaming safetensors output: each tensor goes to disk as it arrives, so memory does not grow
-with the model. safetensors puts its header before the data, so a shard's data is appended to a
-scratch file and the finished shard is header + that data.
+with the model. safetensors puts its header before the data, whose size is known only at the end:
+each shard leaves HEADER_ROOM bytes for it (the JSON may be padded with spaces).
 
 File layout (safetensors spec): u64 little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} padded with
@@ -13,11 +13,15 @@ import json
 import os
 import shutil
 import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+HEADER_ROOM = 128 * 1024  # ~1000 tensor entries; a larger header costs one copy of the shard
+MAX_PENDING_BYTES = 2 * 1024**3
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -25,18 +29,19 @@ _DTYPES = {
 }
 
 
-def _copy(src, dst, size: int) -> None:
-    """Append src's bytes to dst inside the kernel where it can (no trip through Python buffers)."""
+def _copy(src, dst, start: int, size: int) -> None:
+    """Append src's bytes [start, start + size) to dst inside the kernel where it can (no trip
+    through Python buffers)."""
     offset = 0
     try:
         while offset < size:
-            sent = os.copy_file_range(src.fileno(), dst.fileno(), size - offset, offset)
+            sent = os.copy_file_range(src.fileno(), dst.fileno(), size - offset, start + offset)
             if sent == 0:
                 break
             offset += sent
     except (AttributeError, OSError):  # no copy_file_range here (platform, filesystem): copy the rest
         pass
-    src.seek(offset)
+    src.seek(start + offset)
     shutil.copyfileobj(src, dst, 16 * 1024**2)
 
 
@@ -55,32 +60,51 @@ def split_modules(ckpt, marker: str, suffixes: tuple[str, ...], read_module):
 
 
 class _Shard:
-    def __init__(self, scratch: Path):
-        self.scratch = scratch
-        self.file = open(scratch, "wb")
+    """One output file. Each tensor's bytes go to its own offset (os.pwrite) after room reserved for
+    the header, so they may arrive from any thread; closing writes the header into that room, padded
+    with spaces, or, when it outgrew the room, copies the data behind a header of the right size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.header: dict[str, dict] = {}
         self.size = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+    def place(self, name: str, tensor: torch.Tensor, nbytes: int) -> int:
+        """Reserve the bytes of one tensor; returns their file offset."""
         self.header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                             "data_offsets": [self.size, self.size + data.nbytes]}
-        self.file.write(memoryview(data))
-        self.size += data.nbytes
+                             "data_offsets": [self.size, self.size + nbytes]}
+        self.size += nbytes
+        return HEADER_ROOM + self.size - nbytes
+
+    def write(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
 
     def close(self, path: Path) -> None:
-        self.file.close()
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        if len(header) <= HEADER_ROOM - 8:
+            os.pwrite(self.fd, struct.pack("<Q", HEADER_ROOM - 8) + header.ljust(HEADER_ROOM - 8), 0)
+            os.ftruncate(self.fd, HEADER_ROOM + self.size)  # a shard with no tensors is header only
+            os.close(self.fd)
+            self.path.rename(path)
+            return
         header += b" " * (-len(header) % 8)
-        with open(path, "wb") as out, open(self.scratch, "rb") as data:
+        with open(path, "wb") as out, open(self.fd, "rb") as data:
             out.write(struct.pack("<Q", len(header)) + header)
             out.flush()
-            _copy(data, out, self.size)
-        self.scratch.unlink()
+            _copy(data, out, HEADER_ROOM, self.size)
+        self.path.unlink()
 
 
 class ShardWriter:
-    """Writes model-XXXXX-of-YYYYY.safetensors (+ index) or a single model.safetensors."""
+    """Writes model-XXXXX-of-YYYYY.safetensors (+ index) or a single model.safetensors.
+
+    add() may be called from several threads. It copies the tensor to host memory and hands the
+    file write to one background thread, so GPU work goes on while the disk catches up; at most
+    MAX_PENDING_BYTES wait in memory."""
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.out_dir = Path(out_dir)
@@ -89,31 +113,54 @@ class ShardWriter:
         self._done: list[tuple[Path, list[str]]] = []  # closed shards: temporary path, tensor names
         self._names: set[str] = set()
         self.total_bytes = 0
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-shards")
+        self._jobs: list[Future] = []
+        self._pending = 0
+        self._room = threading.Condition()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._names:
-            raise ValueError(f"tensor {name} written twice")
-        self._names.add(name)
-        size = tensor.numel() * tensor.element_size()
-        if self._open is not None and self._open.size and self._open.size + size > self.max_shard_bytes:
-            self._close_shard()
-        if self._open is None:
-            self._open = _Shard(self.out_dir / f"shard-{len(self._done):05d}.data.tmp")
-        self._open.add(name, tensor)
-        self.total_bytes += size
+        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        with self._room:
+            if name in self._names:
+                raise ValueError(f"tensor {name} written twice")
+            while self._pending and self._pending + data.nbytes > MAX_PENDING_BYTES:
+                self._room.wait()
+            self._names.add(name)
+            if self._open is not None and self._open.size and self._open.size + data.nbytes > self.max_shard_bytes:
+                self._close_shard()
+            if self._open is None:
+                self._open = _Shard(self.out_dir / f"shard-{len(self._done):05d}.tmp")
+            offset = self._open.place(name, tensor, data.nbytes)
+            self._submit(data.nbytes, self._open.write, data, offset)
+            self.total_bytes += data.nbytes
+
+    def _submit(self, nbytes: int, fn, *args) -> None:
+        self._pending += nbytes
+        job = self._io.submit(fn, *args)
+        job.add_done_callback(lambda _: self._written(nbytes))
+        self._jobs.append(job)
+
+    def _written(self, nbytes: int) -> None:
+        with self._room:
+            self._pending -= nbytes
+            self._room.notify_all()
 
     def _close_shard(self) -> None:
-        path = self.out_dir / f"shard-{len(self._done):05d}.tmp"
-        self._open.close(path)
+        path = self.out_dir / f"shard-{len(self._done):05d}.safetensors.tmp"
+        self._submit(0, self._open.close, path)  # after its writes: the thread takes jobs in order
         self._done.append((path, list(self._open.header)))
         self._open = None
 
     def finish(self) -> list[str]:
         """Close the last shard, give the shards their final names, write the index."""
-        if self._open is not None or not self._done:
-            if self._open is None:
-                self._open = _Shard(self.out_dir / "shard-00000.data.tmp")
-            self._close_shard()
+        with self._room:
+            if self._open is not None or not self._done:
+                if self._open is None:
+                    self._open = _Shard(self.out_dir / "shard-00000.tmp")
+                self._close_shard()
+        self._io.shutdown(wait=True)
+        for job in self._jobs:
+            job.result()  # a failed write (disk full ...) is raised here
         n = len(self._done)
         if n == 1:
             self._done[0][0].rename(self.out_dir / "model.safetensors")

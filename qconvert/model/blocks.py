@@ -46,10 +46,12 @@ def block_file_names(ckpt: Checkpoint, arch: Architecture, index: int) -> dict[s
     return {arch.to_memory(n)[len(prefix):]: n for n in ckpt.names() if n.startswith(prefix)}
 
 
-def read_block(ckpt: Checkpoint, arch: Architecture, index: int) -> dict[str, torch.Tensor]:
+def read_block(ckpt: Checkpoint, arch: Architecture, index: int, pin: bool = False) -> dict[str, torch.Tensor]:
     """Block `index`'s tensors as stored (file name -> CPU tensor), not yet checked for NaN/Inf: the
-    part of loading that can run in a background thread while the previous block computes."""
-    return ckpt.load(list(block_file_names(ckpt, arch, index).values()), check=False)
+    part of loading that can run in a background thread while the previous block computes. `pin`:
+    in page-locked memory, which a GPU copies from three to four times faster."""
+    stored = ckpt.load(list(block_file_names(ckpt, arch, index).values()), check=False)
+    return {n: t.pin_memory() for n, t in stored.items()} if pin else stored
 
 
 def load_block(
@@ -163,7 +165,12 @@ def capture_block_inputs(
     """Embed the calibration tokens on CPU and record what every block is called with."""
     embed = model.get_input_embeddings()
     embed_name = next(n for n, p in model.named_parameters() if p is embed.weight)
-    _set_param(model, embed_name, ckpt.get(embed_name).to(dtype))
+    # only the rows the tokens use, renumbered: a 128k-token vocabulary is 1 GB that the blocks never
+    # see (the rows are checked for NaN/Inf here; the whole table is checked when it is written)
+    used, tokens = torch.unique(tokens, return_inverse=True)
+    rows = ckpt.load([embed_name], check=False)[embed_name][used]
+    ckpt.check_finite(embed_name, rows)
+    _set_param(model, embed_name, rows.to(dtype))
     blocks = decoder_blocks(model, arch)
     originals = list(blocks)
     inputs = BlockInputs(hidden=[], call_args=[{} for _ in originals])
