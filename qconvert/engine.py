@@ -170,16 +170,18 @@ def convert(
     """Quantize every block of `ckpt` with `config`'s algorithm into `writer`."""
     preflight(ckpt, arch, config)
     algorithm = algorithm_for(config, arch)
-    model = build_skeleton(ckpt, arch, options.dtype)
-    blocks = decoder_blocks(model, arch)
+    on_gpu = options.device.type == "cuda"
     reports = []
     with ThreadPoolExecutor(max_workers=3) as pool:
-        # the next block is read while this one computes, and the tensors outside the blocks
-        # (embeddings, lm_head: 2 GB for an 8B model) are copied through meanwhile
-        pin = options.device.type == "cuda"
-        upcoming = pool.submit(read_block, ckpt, arch, 0, pin)
-        outside = pool.submit(_write_outside_blocks, ckpt, arch, writer)
-        warm = pool.submit(_warm_up, algorithm, options) if pin and tokens is not None else None
+        # the GPU libraries and kernels load while the CPU builds the model and embeds the calibration
+        # tokens; the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
+        # meanwhile, and each block is read while the one before it computes
+        background = [pool.submit(_write_outside_blocks, ckpt, arch, writer)]
+        if on_gpu and tokens is not None:
+            background.append(pool.submit(_warm_up, algorithm, options))
+        upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu)
+        model = build_skeleton(ckpt, arch, options.dtype)
+        blocks = decoder_blocks(model, arch)
         inputs = None
         if tokens is not None:
             inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
@@ -187,11 +189,10 @@ def convert(
             start = time.perf_counter()
             stored = upcoming.result()
             if index + 1 < len(blocks):
-                upcoming = pool.submit(read_block, ckpt, arch, index + 1, pin)
+                upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
             originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
             del stored
-            step = _BlockStep(block, index, arch, algorithm, writer, inputs)
-            report = step.run(originals)
+            report = _BlockStep(block, index, arch, algorithm, writer, inputs).run(originals)
             unload_block(block)
             report.seconds = time.perf_counter() - start
             if report.uncalibrated:
@@ -199,9 +200,8 @@ def convert(
                             len(report.uncalibrated), ", ".join(report.uncalibrated[:4]))
             reports.append(report)
             on_layer(report)
-        outside.result()
-        if warm is not None:
-            warm.result()
+        for job in background:
+            job.result()
     return reports
 
 

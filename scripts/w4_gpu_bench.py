@@ -87,8 +87,15 @@ def main() -> None:
     parser.add_argument("--peer", type=Path, help="peer_llmcompressor_gpu.py (omit to run qconvert alone)")
     parser.add_argument("--peer-pythonpath", default="/tmp/peer-site")
     parser.add_argument("--tokenizer-dir", type=Path, default=Path(".peer/tok"))
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    make_model(args.layers, args.tokenizer_dir)
+    if args.build_only:
+        make_model(args.layers, args.tokenizer_dir)
+        return
+    # in a child process: a forked child starts with its parent's resident size, which getrusage then
+    # reports as the child's peak (a 16 GB model built here would show as qconvert's peak host memory)
+    subprocess.run([sys.executable, __file__, "--build-only", "--layers", str(args.layers),
+                    "--tokenizer-dir", str(args.tokenizer_dir)], check=True)
     ids = calibration_ids(Path("/tmp/ids.pt"))
     for method in args.methods.split(","):
         print(json.dumps(run_ours(method, ids, args.format)), flush=True)

@@ -137,3 +137,11 @@ def test_invert_lower_by_halves(n):
     invert_lower(got, leaf=16)
     assert torch.allclose(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
     assert torch.equal(got.triu(1), torch.zeros_like(got))
+
+
+def test_gpu_warm_up_runs_on_any_device():
+    """The engine's warm-up (run in a thread on GPUs) goes through the same calls as a conversion."""
+    from qconvert.algorithms import algorithm_for
+    from qconvert.engine import EngineOptions, _warm_up
+
+    _warm_up(algorithm_for(GPTQConfig(), None), EngineOptions(device=torch.device("cpu"), dtype=torch.bfloat16))

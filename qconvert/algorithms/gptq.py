@@ -95,7 +95,7 @@ def inverse_cholesky(box: list[torch.Tensor], damp: float, name: str = "") -> to
         m, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             break
-        del m
+        m = None  # the failed factor is freed before the next attempt makes another
     else:
         raise QConvertError(f"{name}: the Hessian stays singular even with damp {damp * 10**5:g} "
                             "(too little calibration data for this layer?)")
