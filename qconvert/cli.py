@@ -37,7 +37,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output."
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 Dataset = Annotated[str, typer.Option("--dataset", help="Calibration text: bundled set name, .txt/.jsonl/.parquet "
                                      "file, hf:NAME[:CONFIG][:SPLIT], or a .pt tensor of token ids [windows, seq_len].")]
-Format = Annotated[str, typer.Option("--format", help="Output layout: gptq or compressed-tensors.")]
+Format = Annotated[str, typer.Option("--format", help="Output layout: gptq, compressed-tensors or marlin (4-bit "
+                                     "symmetric, group 128 or -1, no act-order g_idx).")]
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -68,6 +69,8 @@ def rtn(
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric.")] = True,
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", help="Optional: calibration text to measure each layer's output error on.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Output layout: compressed-tensors or marlin (4-bit --sym, "
+                                     "group 128 or -1).")] = "compressed-tensors",
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
@@ -76,14 +79,15 @@ def rtn(
     quiet: Quiet = False,
     json_out: Json = False,
 ):
-    """Round-to-nearest weight-only int4/int8, written as compressed-tensors pack-quantized."""
+    """Round-to-nearest weight-only int4/int8, written as compressed-tensors pack-quantized (or Marlin)."""
     from qconvert.algorithms.rtn import RTNConfig
     from qconvert.pipeline import Calibration, Request
 
     config = RTNConfig(bits=w_bit, group_size=group, symmetric=sym)
     out = output or _default_output(model, f"rtn-w{w_bit}g{group}")
     calibration = Calibration(dataset, samples, seq_len, seed) if dataset else None
-    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx)), quiet, json_out)
+    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx), format=fmt),
+             quiet, json_out)
 
 
 @app.command()
@@ -134,7 +138,8 @@ def awq(
     zero_point: Annotated[bool, typer.Option("--zero-point/--no-zero-point", help="Asymmetric with a zero point, or symmetric.")] = True,
     scale_search: Annotated[str, typer.Option("--scale-search", help="duo (activations and weights), activation, or both.")] = "duo",
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search a per-group weight range clip after scaling.")] = True,
-    fmt: Annotated[str, typer.Option("--format", help="Output layout: awq (AutoAWQ GEMM) or compressed-tensors.")] = "awq",
+    fmt: Annotated[str, typer.Option("--format", help="Output layout: awq (AutoAWQ GEMM), compressed-tensors or "
+                                     "marlin (with --no-zero-point, group 128 or -1).")] = "awq",
     dataset: Dataset = "mixed",
     samples: Samples = 128,
     seq_len: SeqLen = 512,
@@ -153,6 +158,66 @@ def awq(
     request = Request(model, out, "awq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
                       _command_line(ctx), format=fmt)
     _convert(request, quiet, json_out)
+
+
+@app.command()
+def fp8(
+    ctx: typer.Context,
+    model: Model,
+    output: Output = None,
+    scheme: Annotated[str, typer.Option("--scheme", help="dynamic (weights per channel, activations per token), "
+                                        "static (per tensor, activation scales calibrated on --dataset) or "
+                                        "block (128x128 weight blocks, activations per token group).")] = "dynamic",
+    fmt: Annotated[str, typer.Option("--format", help="Output layout: compressed-tensors (float-quantized) or fp8 "
+                                     "(vLLM's quant_method fp8, block scheme only).")] = "compressed-tensors",
+    dataset: Dataset = "mixed",
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """FP8 (e4m3) weights and activations, W8A8, for Hopper/Ada GPUs (vLLM, SGLang)."""
+    from qconvert.algorithms.fp8 import FP8Config
+    from qconvert.pipeline import Calibration, Request
+
+    config = FP8Config(scheme)
+    out = output or _default_output(model, f"fp8-{scheme}")
+    calibration = Calibration(dataset, samples, seq_len, seed) if config.calibrated else None
+    request = Request(model, out, "fp8", config, calibration, device, overwrite, _command_line(ctx), format=fmt)
+    _convert(request, quiet, json_out)
+
+
+@app.command()
+def int8(
+    ctx: typer.Context,
+    model: Model,
+    output: Output = None,
+    smoothquant: Annotated[Optional[float], typer.Option(
+        "--smoothquant", help="SmoothQuant migration strength α (0.5 is the paper's default); off when absent.")] = None,
+    use_gptq: Annotated[bool, typer.Option("--gptq", help="GPTQ for the int8 weights instead of round-to-nearest.")] = False,
+    damp: Annotated[float, typer.Option("--damp", help="With --gptq: dampening, a fraction of the mean Hessian diagonal.")] = 0.01,
+    dataset: Dataset = "mixed",
+    samples: Samples = 128,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """INT8 W8A8: int8 weights per channel, int8 activations per token, as compressed-tensors int-quantized."""
+    from qconvert.algorithms.int8 import INT8Config
+    from qconvert.pipeline import Calibration, Request
+
+    config = INT8Config(smoothquant, use_gptq, damp)
+    out = output or _default_output(model, "int8" + (f"-sq{smoothquant:g}" if smoothquant is not None else "")
+                                    + ("-gptq" if use_gptq else ""))
+    calibrated = smoothquant is not None or use_gptq
+    calibration = Calibration(dataset, samples, seq_len, seed) if calibrated else None
+    _convert(Request(model, out, "int8", config, calibration, device, overwrite, _command_line(ctx)), quiet, json_out)
 
 
 def _convert(request, quiet: bool, json_out: bool) -> None:

@@ -240,6 +240,8 @@ class _BlockStep:
         calibrated = self.inputs is not None
         stats, reference = self._reference_pass() if calibrated else ({}, None)
         changed = self.algorithm.transform(self.block, self.sets) if calibrated else set()
+        if changed:  # the statistics of the reference pass describe the block before its rewrite
+            stats = self._group_statistics(0 if self.algorithm.sequential else None)
         for gi in range(len(self.groups)):
             if calibrated and self.algorithm.sequential and gi > 0:
                 stats = self._group_statistics(gi)
@@ -264,12 +266,13 @@ class _BlockStep:
             h.remove()
         return stats, reference
 
-    def _group_statistics(self, gi: int) -> dict:
-        """Group gi's statistics on the outputs of the groups already quantized before it."""
-        sets = [s for s in self.sets if s.group == gi]
+    def _group_statistics(self, gi: int | None) -> dict:
+        """Group gi's statistics (every group's for None) on the outputs of the groups already
+        quantized before it."""
+        sets = [s for s in self.sets if gi is None or s.group == gi]
         stats, handles = _feed(sets, self.algorithm)
         if stats:
-            following = self.groups[gi + 1] if gi + 1 < len(self.groups) else None
+            following = self.groups[gi + 1] if gi is not None and gi + 1 < len(self.groups) else None
             # the last group: when one linear's input feeds it all, the pass can end right there
             # (its statistics hook runs before the stop, being registered first)
             stop = _stop_before(following) if following else sets[0].linears[0] if len(sets) == 1 else None

@@ -7,7 +7,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from qconvert.formats import awq, compressed_tensors, gptq
+from qconvert.formats import awq, compressed_tensors, gptq, marlin
 from qconvert.model.checkpoint import Checkpoint
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -35,7 +35,7 @@ def _ct_modules(ckpt: Checkpoint, qc: dict) -> dict[str, tuple[str, int]]:
     modules = {}
     for name, shape in shapes.items():
         module = name.removesuffix(".weight_shape")
-        args = compressed_tensors._scheme_for(module, qc)
+        args = compressed_tensors.scheme_for(module, qc)["weights"]
         group = "channel" if args["strategy"] == "channel" else f"g{args['group_size']}"
         sym = "sym" if args["symmetric"] else "asym"
         act = " act-order" if args.get("actorder") in compressed_tensors.GROUP_ACTORDER else ""
@@ -58,6 +58,15 @@ def _gptq_modules(ckpt: Checkpoint, qc: dict) -> dict[str, tuple[str, int]]:
     return {  # qweight is [in * bits / 32, out]
         m: (scheme, ckpt.shape(f"{m}.qweight")[0] * 32 // bits * ckpt.shape(f"{m}.qweight")[1])
         for m in (n.removesuffix(".qweight") for n in ckpt.names() if n.endswith(".qweight"))
+    }
+
+
+def _marlin_modules(ckpt: Checkpoint, qc: dict) -> dict[str, tuple[str, int]]:
+    group = qc.get("group_size", 128)
+    scheme = f"int{marlin.BITS} {'channel' if group == -1 else f'g{group}'} sym marlin"
+    return {  # B is [in / 16, out * 16 / 8]
+        m: (scheme, ckpt.shape(f"{m}.B")[0] * ckpt.shape(f"{m}.B")[1] * 16 // 2)
+        for m in (n.removesuffix(".B") for n in ckpt.names() if n.endswith(".B"))
     }
 
 
@@ -88,7 +97,7 @@ def describe(path: Path) -> dict:
     cfg = ckpt.config_dict
     qc = cfg.get("quantization_config")
     dtypes: Counter = Counter(ckpt.dtype(name) for name in ckpt.names())
-    layout = _LAYOUTS.get((qc or {}).get("quant_method"))
+    layout = (_marlin_modules, marlin.SUFFIXES) if marlin.is_marlin(qc) else _LAYOUTS.get((qc or {}).get("quant_method"))
     quantized = layout[0](ckpt, qc) if layout else {}
     suffixes = layout[1] if layout else ()
     stored = {f"{m}.{s}" for m in quantized for s in suffixes}

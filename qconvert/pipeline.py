@@ -14,7 +14,7 @@ from qconvert.calibration.datasets import load_texts
 from qconvert.calibration.tokens import calibration_windows, saved_windows
 from qconvert.engine import EngineOptions, LayerReport, convert
 from qconvert.errors import QConvertError
-from qconvert.formats import awq, compressed_tensors, gptq
+from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
 from qconvert.formats.shards import DEFAULT_SHARD_BYTES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
@@ -67,7 +67,13 @@ def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
 IGNORE = ["lm_head", r"re:.*(mlp|block_sparse_moe)\.gate$", r"re:.*shared_expert_gate$"]
 
 # the layouts each method can write, the first one its default
-FORMATS = {"rtn": ("compressed-tensors",), "gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors")}
+FORMATS = {"rtn": ("compressed-tensors", "marlin"), "gptq": ("gptq", "compressed-tensors", "marlin"),
+           "awq": ("awq", "compressed-tensors", "marlin"),
+           "fp8": ("compressed-tensors", "fp8"), "int8": ("compressed-tensors",)}
+
+
+# W8A8 methods and their compressed-tensors format (weights stored as 8-bit values, not packed)
+DENSE = {"fp8": "float-quantized", "int8": "int-quantized"}
 
 
 def check_format(method: str, fmt: str, config) -> object:
@@ -75,6 +81,13 @@ def check_format(method: str, fmt: str, config) -> object:
     allowed = FORMATS[method]
     if fmt not in allowed:
         raise QConvertError(f"--format {fmt}: {method} writes {' or '.join(allowed)}")
+    if method == "fp8":
+        if fmt == "fp8" and config.scheme != "block":
+            raise QConvertError(f"--format fp8 holds 128x128-block weights: use --scheme block (not {config.scheme}), "
+                                "or --format compressed-tensors")
+        return config
+    if method == "int8":
+        return config
     bits, group = config.bits, config.group_size
     if fmt == "compressed-tensors" and bits not in (4, 8):
         raise QConvertError(f"--w-bit {bits}: compressed-tensors pack-quantized takes 4 or 8 bits (--format gptq takes 2 and 3)")
@@ -82,7 +95,28 @@ def check_format(method: str, fmt: str, config) -> object:
         raise QConvertError("--format awq stores 4-bit codes in groups of 32, 64 or 128 (use --format compressed-tensors)")
     if fmt == "gptq" and not config.symmetric:
         config = replace(config, zero_floor=1)  # v1 stores zero - 1
+    if fmt == "marlin":
+        _check_marlin(method, config)
     return config
+
+
+def _check_marlin(method: str, config) -> None:
+    """Marlin's kernel: symmetric 4-bit (fixed zero 8), groups of 128 or per channel, no g_idx."""
+    if config.bits != 4 or config.group_size not in marlin.GROUP_SIZES:
+        raise QConvertError(f"--format marlin stores 4-bit codes in groups of 128 or per channel (--w-bit 4, --group 128 "
+                            f"or -1), not --w-bit {config.bits} --group {config.group_size}")
+    if method == "awq" and config.zero_point:
+        raise QConvertError("--format marlin is symmetric (zero point fixed at 8): use --no-zero-point")
+    if method != "awq" and not config.symmetric:
+        raise QConvertError("--format marlin is symmetric (zero point fixed at 8): use --sym")
+    if method == "gptq" and config.act_order and not config.static_groups:
+        raise QConvertError("--format marlin has no act-order g_idx: use --static-groups (or --no-act-order)")
+
+
+def _not_converted(arch) -> list[str]:
+    """lm_head and the routers, as module-name pieces in the names the files use (vLLM matches them as
+    substrings, so nothing else may contain them)."""
+    return ["lm_head", *(arch.to_file(f".{s}.")[1:-1] for s in arch.skip)]
 
 
 def _writer(request: Request, arch, stage: Path):
@@ -90,12 +124,20 @@ def _writer(request: Request, arch, stage: Path):
     cfg = request.config
     if request.format == "awq":
         w = awq.Writer(stage, cfg.group_size, cfg.zero_point, max_shard_bytes=request.max_shard_bytes)
-        # vLLM matches these as substrings: only routers, in the names the files use
-        return w, lambda: w.finish(["lm_head", *(arch.to_file(f".{s}.")[1:-1] for s in arch.skip)])
+        return w, lambda: w.finish(_not_converted(arch))
     if request.format == "gptq":
         w = gptq.Writer(stage, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp, cfg.static_groups,
                         cfg.true_sequential, max_shard_bytes=request.max_shard_bytes)
         return w, w.finish
+    if request.format == "marlin":
+        w = marlin.Writer(stage, cfg.group_size, max_shard_bytes=request.max_shard_bytes)
+        return w, w.finish
+    if request.format == "fp8":
+        w = fp8.Writer(stage, max_shard_bytes=request.max_shard_bytes)
+        return w, lambda: w.finish(_not_converted(arch))
+    if request.method in DENSE:
+        w = compressed_tensors.DenseWriter(stage, DENSE[request.method], request.max_shard_bytes)
+        return w, lambda: w.finish(IGNORE)
     w = compressed_tensors.Writer(stage, request.max_shard_bytes)
     return w, lambda: w.finish(IGNORE)
 
@@ -125,6 +167,8 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
     source = resolve_model(request.model)
     ckpt = Checkpoint(source)
     arch = architecture_for(ckpt.model_type)
+    if request.format == "marlin":  # the kernel's shape limits, named per layer before anything is written
+        marlin.check_shapes(ckpt, arch)
     device, dtype = resolve_device(request.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

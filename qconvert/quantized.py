@@ -75,3 +75,38 @@ class QuantizedTensor:
         scale = self.scale.to(torch.float32)[:, g]
         # (q - z) * s is exact in float32; one rounding to the storage dtype, as in the kernels
         return ((self.codes.to(torch.float32) - zero) * scale).to(self.scale.dtype)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class FP8Tensor:
+    """float8 e4m3 weights: weight = fp8 · scale, with scale per output channel ([out, 1]), per tensor
+    ([1]) or per block of `block` = (rows, cols) ([ceil(out / rows), ceil(in / cols)]).
+    input_scale: the calibrated per-tensor activation scale ([1]) of a static scheme, else None."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int] | None = None
+    input_scale: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.weight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"weight must be float8_e4m3fn, got {self.weight.dtype}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def expanded_scale(self) -> torch.Tensor:
+        """The scale of every weight element, [out, in]."""
+        out, cols = self.weight.shape
+        if self.block is None:
+            return self.scale.reshape(-1, 1).expand(out, cols)  # [out, 1] or [1]
+        r, c = self.block
+        return self.scale.repeat_interleave(r, 0)[:out].repeat_interleave(c, 1)[:, :cols]
+
+    def dequantize(self) -> torch.Tensor:
+        """fp8 · scale, in the scale's dtype (as compressed-tensors computes it)."""
+        return (self.weight.to(torch.float32) * self.expanded_scale().to(torch.float32)).to(self.scale.dtype)

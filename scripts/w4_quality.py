@@ -1,4 +1,5 @@
-"""W4A16 quality side by side: qconvert RTN / GPTQ / AWQ vs llm-compressor 0.14 (the peer) on real models.
+"""Quality side by side on real models: W4A16 (qconvert RTN / GPTQ / AWQ vs llm-compressor 0.14, the peer)
+and W8A8 (qconvert fp8 in its three schemes, int8 with and without SmoothQuant).
 
     python scripts/w4_quality.py [--models smollm2,gemma3] [--runs base,rtn-sym,...] [--work DIR]
                                  [--peer-python /work/venvs/llmc/bin/python] [--timeout 3600]
@@ -27,6 +28,8 @@ MODELS_DIR = Path("~/.cache/qconvert/models").expanduser()
 # float16 only; float32 is exact and, on a CPU without native bf16 (AVX2), 2.3x faster than bfloat16.
 MODELS = {"smollm2": ("smollm2-135m", 64, torch.float32), "gemma3": ("gemma3-270m", 128, torch.float32)}
 RUNS = ["base", "rtn-sym", "rtn-asym", "peer-gptq", "peer-awq", "gptq", "gptq-actorder", "gptq-actorder-static", "awq"]
+# W8A8 runs (--runs base,fp8-dynamic,...); calibrated ones read the first 32 of the saved windows
+W8A8_RUNS = ["fp8-dynamic", "fp8-static", "fp8-block", "int8", "int8-sq"]
 PEER = Path(__file__).with_name("peer_llmcompressor.py")
 
 
@@ -35,7 +38,14 @@ def command(run: str, model: Path, group: int, out: Path, ids: Path, peer: list[
     w4 = ["--w-bit", "4", "--group", str(group), "-o", str(out), "--overwrite"]  # no config.json: a leftover
     cal = ["--dataset", "mixed", "--samples", "128", "--seq-len", "512", "--seed", "0"]  # the defaults, spelled out
     ct = ["--format", "compressed-tensors"]  # what qconvert.eval reads back
+    w8 = ["-o", str(out), "--overwrite"]
+    cal8 = ["--dataset", str(ids), "--samples", "32"]
     return {
+        "fp8-dynamic": [*q, "fp8", str(model), *w8],
+        "fp8-static": [*q, "fp8", str(model), *w8, "--scheme", "static", *cal8],
+        "fp8-block": [*q, "fp8", str(model), *w8, "--scheme", "block"],
+        "int8": [*q, "int8", str(model), *w8],
+        "int8-sq": [*q, "int8", str(model), *w8, "--smoothquant", "0.5", *cal8],
         "rtn-sym": [*q, "rtn", str(model), *w4, "--sym"],
         "rtn-asym": [*q, "rtn", str(model), *w4, "--asym"],
         # qconvert gptq's default (act-order, static groups, damp 0.01) is llm-compressor's GPTQModifier default
@@ -112,7 +122,7 @@ def main() -> None:
         for run in a.runs.split(","):
             row = rows.get(run, {})
             if run != "base":
-                out = a.work / f"{name}-{run}-w4g{group}"
+                out = a.work / (f"{name}-{run}" if run in W8A8_RUNS else f"{name}-{run}-w4g{group}")
                 if run.startswith("peer"):
                     out = out.with_name(f"{out.name}-{a.peer_dtype}")
                     if row.get("peer_dtype") != a.peer_dtype:
@@ -141,12 +151,12 @@ def main() -> None:
 def print_table(name: str, group: int, rows: dict) -> None:
     base_ppl = rows.get("base", {}).get("perplexity")
     dtype = next((r["eval_dtype"] for r in rows.values() if "eval_dtype" in r), "?")
-    print(f"\n### {name} (W4, group {group}; evaluated in {dtype.removeprefix('torch.')}, "
+    print(f"\n### {name} (W4 with group {group}, W8A8; evaluated in {dtype.removeprefix('torch.')}, "
           f"40 x 512 held-out tokens)\n")
     print("| run | perplexity | Δppl % | KL vs base | top-1 agreement | seconds |")
     print("|---|---|---|---|---|---|")
     label = {r: f"{r} ({rows[r]['peer_dtype']})" if "peer_dtype" in rows[r] else r for r in rows}
-    for run in [r for r in RUNS if r in rows]:
+    for run in [r for r in RUNS + W8A8_RUNS if r in rows]:
         row = rows[run]
         if "perplexity" not in row:
             print(f"| {label[run]} | {row.get('status', '-')} | | | | {row.get('seconds', '')} |")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qconvert.algorithms.awq import AWQ, AWQConfig, _resolve, clip_range
+from qconvert.algorithms.awq import AWQ, AWQConfig, clip_range, resolve_groups
 from qconvert.algorithms.rtn import fake_quantize_groups
 from qconvert.engine import input_sets
 from qconvert.model.architectures import architecture_for
@@ -36,7 +36,7 @@ def test_fold_preserves_the_float_block(tiny, arch_name):
                 p.uniform_(-0.5, 0.5)
     before = run_block(block, 0, inputs)
     awq = AWQ(AWQConfig(), arch)
-    groups = _resolve(block, arch.scale_groups, input_sets(arch.linear_groups(block)))
+    groups = resolve_groups(block, arch.scale_groups, input_sets(arch.linear_groups(block)))
     assert groups and {type(g.prev).__name__ for g in groups}  # every architecture has scale groups
     gen = torch.Generator().manual_seed(1)
     changed = set()

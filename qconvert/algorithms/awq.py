@@ -67,13 +67,16 @@ class _Group:
     calls: list[tuple[tuple, dict]] = field(default_factory=list)  # the inspect module's first calls
     stored_tokens: int = 0
     abs_sum: torch.Tensor | float = 0.0  # Σ|x| per input channel over every token
+    abs_max: torch.Tensor | float = 0.0  # max |x| per input channel (SmoothQuant)
     tokens: int = 0
     scale: torch.Tensor | None = None
 
     def record(self, args: tuple, kwargs: dict, limit: int) -> None:
         x = _input_of(args, kwargs)
         n = x.numel() // x.shape[-1]
-        self.abs_sum = self.abs_sum + x.reshape(n, -1).abs().float().sum(0)
+        a = x.reshape(n, -1).abs().float()
+        self.abs_sum = self.abs_sum + a.sum(0)
+        self.abs_max = torch.maximum(torch.as_tensor(self.abs_max, device=a.device), a.amax(0))
         self.tokens += n
         if self.stored_tokens < limit:
             self.calls.append((args, kwargs))
@@ -90,7 +93,7 @@ def _expand(spec: ScaleGroup, names: list[str]) -> list[ScaleGroup]:
                        spec.inspect.replace("*", e), spec.also, spec.prev_rows) for e in experts]
 
 
-def _resolve(block: nn.Module, specs, sets: list[InputSet]) -> list[_Group]:
+def resolve_groups(block: nn.Module, specs, sets: list[InputSet]) -> list[_Group]:
     linears = {n: lin for s in sets for n, lin in zip(s.names, s.linears)}
     modules = dict(block.named_modules())
     groups = []
@@ -142,7 +145,7 @@ class AWQ(Algorithm):
         self.samples: dict[tuple, _TokenSample] = {}
 
     def observe(self, block, sets):
-        self.groups = _resolve(block, self.arch.scale_groups, sets)
+        self.groups = resolve_groups(block, self.arch.scale_groups, sets)
         handles = []
         for g in self.groups:
             record = lambda _m, args, kwargs, g=g: g.record(args, kwargs, self.config.search_tokens)  # noqa: E731
@@ -206,26 +209,30 @@ class AWQ(Algorithm):
         return best if best is not None else torch.ones_like(x_mean)
 
     def _fold(self, block: nn.Module, g: _Group) -> set[str]:
-        """prev's output ÷ s, the linears' (and routers') input columns × s: the float block is unchanged."""
-        s = g.scale
-        prev = g.prev
-        if isinstance(prev, nn.Linear):
-            rows = slice(prev.weight.shape[0] // 2, None) if g.prev_rows == "second_half" else slice(None)
-            prev.weight.data[rows] = (prev.weight.data[rows].float() / s[:, None]).to(prev.weight.dtype)
-            if prev.bias is not None:
-                prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
-        else:  # a norm: y = x̂ · (offset + w)
-            w = prev.weight.data
-            prev.weight.data = ((self.arch.norm_offset + w.float()) / s - self.arch.norm_offset).to(w.dtype)
-        for lin in [*g.linears, *g.also]:
-            lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
-        names = {n for n in g.prev_names if not isinstance(prev, nn.Linear) or n.endswith(".bias")}
-        modules = {id(m): n for n, m in block.named_modules()}
-        names |= {f"{modules[id(m)]}.weight" for m in g.also}
-        return names
+        return fold_scale(block, g, g.scale, self.arch.norm_offset)
 
     def quantize(self, inputs, stats, scale_dtype):
         return [rtn(lin.weight, self.config.rounding, scale_dtype=scale_dtype) for lin in inputs.linears]
+
+
+def fold_scale(block: nn.Module, g: _Group, s: torch.Tensor, norm_offset: float) -> set[str]:
+    """prev's output ÷ s, the linears' (and routers') input columns × s: the float block is unchanged.
+    Returns the names of the non-linear parameters changed."""
+    prev = g.prev
+    if isinstance(prev, nn.Linear):
+        rows = slice(prev.weight.shape[0] // 2, None) if g.prev_rows == "second_half" else slice(None)
+        prev.weight.data[rows] = (prev.weight.data[rows].float() / s[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
+    else:  # a norm: y = x̂ · (offset + w)
+        w = prev.weight.data
+        prev.weight.data = ((norm_offset + w.float()) / s - norm_offset).to(w.dtype)
+    for lin in [*g.linears, *g.also]:
+        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+    names = {n for n in g.prev_names if not isinstance(prev, nn.Linear) or n.endswith(".bias")}
+    modules = {id(m): n for n, m in block.named_modules()}
+    names |= {f"{modules[id(m)]}.weight" for m in g.also}
+    return names
 
 
 def _fake_quantize(w: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:

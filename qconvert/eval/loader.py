@@ -15,25 +15,45 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qconvert.errors import QConvertError
-from qconvert.formats import awq, compressed_tensors, gptq
+from qconvert.eval.activations import add_activation_hooks, fake_quantizer
+from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
 from qconvert.model.checkpoint import Checkpoint, resolve_model
-from qconvert.quantized import QuantizedTensor
+from qconvert.quantized import FP8Tensor, QuantizedTensor
 
 READERS = {
     compressed_tensors.QUANT_METHOD: compressed_tensors.read,
     awq.QUANT_METHOD: awq.read,
     gptq.QUANT_METHOD: gptq.read,
+    fp8.QUANT_METHOD: fp8.read,
 }
 
 
-def dequantized_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    method = ckpt.config_dict["quantization_config"].get("quant_method")
-    if method not in READERS:
+def dequantized_state(ckpt: Checkpoint, quantizers: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor, quantized linears dequantized; `quantizers` (when given) receives, per W8A8
+    linear, the function that rounds its input activations as the engine's kernel does."""
+    qc = ckpt.config_dict["quantization_config"]
+    method = qc.get("quant_method")
+    reader = marlin.read if marlin.is_marlin(qc) else READERS.get(method)  # marlin: gptq's quant_method
+    if reader is None:
         raise QConvertError(f"{ckpt.path}: cannot read quantization method '{method}'")
-    return {
-        name: t.dequantize() if isinstance(t, QuantizedTensor) else t
-        for name, t in READERS[method](ckpt)
-    }
+    state = {}
+    for name, t in reader(ckpt):
+        if isinstance(t, (QuantizedTensor, FP8Tensor)):
+            module = name.removesuffix(".weight")
+            args = _input_activations(qc, module)
+            if args is not None and quantizers is not None:
+                quantizers[module] = fake_quantizer(args, getattr(t, "input_scale", None))
+            t = t.dequantize()
+        state[name] = t
+    return state
+
+
+def _input_activations(qc: dict, module: str) -> dict | None:
+    if qc.get("quant_method") == fp8.QUANT_METHOD:
+        return {"num_bits": 8, "type": "float", "strategy": "group", "group_size": fp8.BLOCK[1]}
+    if qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
+        return compressed_tensors.scheme_for(module, qc).get("input_activations")
+    return None
 
 
 def load_model(spec: str, dtype: torch.dtype, device: torch.device):
@@ -48,10 +68,12 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         with tempfile.TemporaryDirectory(prefix="qconvert-eval-") as tmp:
-            state = dequantized_state(ckpt)
+            quantizers = {}
+            state = dequantized_state(ckpt, quantizers)
             save_file({k: v.contiguous() for k, v in state.items()}, Path(tmp) / "model.safetensors")
             del state
             config = {k: v for k, v in ckpt.config_dict.items() if k != "quantization_config"}
             (Path(tmp) / "config.json").write_text(json.dumps(config))
             model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
+        add_activation_hooks(model, quantizers)
     return model.to(device).eval(), tokenizer
