@@ -70,17 +70,10 @@ def group_size_of(config) -> int:
 
 def preflight(ckpt: Checkpoint, arch: Architecture, config) -> int:
     """Check every linear to quantize before anything is written; returns how many there are."""
-    layer_prefix = f"{arch.layers}."
     group = group_size_of(config)
     count = 0
-    for name in ckpt.names():
-        if not (name.startswith(layer_prefix) and name.endswith(".weight") and len(ckpt.shape(name)) == 2):
-            continue
-        local = arch.to_memory(name).removeprefix(layer_prefix).split(".", 1)[1].removesuffix(".weight")
-        if arch.group_of(local) is None:
-            continue
+    for name, (_, cols) in arch.quantized_weights(ckpt):
         count += 1
-        cols = ckpt.shape(name)[1]
         if group > 0 and cols % group:
             divisors = [g for g in (32, 64, 128) if cols % g == 0]
             hint = f"; group sizes that divide it: {', '.join(map(str, divisors))}" if divisors else ""

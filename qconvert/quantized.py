@@ -101,12 +101,17 @@ class FP8Tensor:
 
     def expanded_scale(self) -> torch.Tensor:
         """The scale of every weight element, [out, in]."""
-        out, cols = self.weight.shape
-        if self.block is None:
-            return self.scale.reshape(-1, 1).expand(out, cols)  # [out, 1] or [1]
-        r, c = self.block
-        return self.scale.repeat_interleave(r, 0)[:out].repeat_interleave(c, 1)[:, :cols]
+        return expand_scale(self.scale, self.block, self.shape)
 
     def dequantize(self) -> torch.Tensor:
         """fp8 · scale, in the scale's dtype (as compressed-tensors computes it)."""
         return (self.weight.to(torch.float32) * self.expanded_scale().to(torch.float32)).to(self.scale.dtype)
+
+
+def expand_scale(scale: torch.Tensor, block: tuple[int, int] | None, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-element scales [out, in] from per-channel / per-tensor ([out, 1] or [1]) or per-block ones."""
+    out, cols = shape
+    if block is None:
+        return scale.reshape(-1, 1).expand(out, cols)
+    r, c = block
+    return scale.repeat_interleave(r, 0)[:out].repeat_interleave(c, 1)[:, :cols]

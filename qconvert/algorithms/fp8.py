@@ -15,7 +15,7 @@ import torch
 
 from qconvert.algorithms import Algorithm, InputSet, register
 from qconvert.errors import QConvertError
-from qconvert.quantized import FP8_MAX, FP8Tensor
+from qconvert.quantized import FP8_MAX, FP8Tensor, expand_scale
 
 SCHEMES = ("dynamic", "static", "block")
 BLOCK = (128, 128)
@@ -54,8 +54,7 @@ def quantize_fp8(w: torch.Tensor, scheme: str, scale_dtype: torch.dtype) -> FP8T
         padded = torch.nn.functional.pad(w.float().abs(), (0, -cols % c, 0, -out % r))
         amax = padded.reshape(padded.shape[0] // r, r, padded.shape[1] // c, c).amax(dim=(1, 3))
         scale = fp8_scale(amax, scale_dtype)
-        expanded = scale.repeat_interleave(r, 0)[:out].repeat_interleave(c, 1)[:, :cols]
-        return FP8Tensor(to_fp8(w, expanded), scale, BLOCK)
+        return FP8Tensor(to_fp8(w, expand_scale(scale, BLOCK, w.shape)), scale, BLOCK)
     amax = w.float().abs().amax(dim=1, keepdim=True) if scheme == "dynamic" else w.float().abs().amax().reshape(1)
     scale = fp8_scale(amax, scale_dtype)
     return FP8Tensor(to_fp8(w, scale), scale)

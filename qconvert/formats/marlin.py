@@ -129,16 +129,10 @@ def is_marlin(qc: dict | None) -> bool:
 
 def check_shapes(ckpt: Checkpoint, arch) -> None:
     """Refuse, before anything is written, linears to quantize that the kernel cannot take (names the first,
-    counts the others); the same selection as engine.preflight, from the checkpoint's headers."""
-    layer_prefix = f"{arch.layers}."
+    counts the others), from the checkpoint's headers."""
     misfits = []
-    for name in ckpt.names():
-        if not (name.startswith(layer_prefix) and name.endswith(".weight") and len(ckpt.shape(name)) == 2):
-            continue
-        local = arch.to_memory(name).removeprefix(layer_prefix).split(".", 1)[1].removesuffix(".weight")
-        if arch.group_of(local) is None:
-            continue
-        problem = shape_problem(*ckpt.shape(name))
+    for name, shape in arch.quantized_weights(ckpt):
+        problem = shape_problem(*shape)
         if problem:
             misfits.append((name.removesuffix(".weight"), problem))
     if misfits:

@@ -8,6 +8,7 @@ lists the linears in the order they run, grouped by shared input (GPTQ's true-se
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -83,6 +84,16 @@ class Architecture:
             if any(fnmatch.fnmatchcase(name, p) for p in group):
                 return i
         raise QConvertError(f"{self.name}: linear '{name}' has no entry in qconvert's architecture table")
+
+    def quantized_weights(self, ckpt) -> Iterator[tuple[str, tuple[int, int]]]:
+        """(file name, shape) of every linear weight in the checkpoint that gets quantized, from its headers."""
+        prefix = f"{self.layers}."
+        for name in ckpt.names():
+            if not (name.startswith(prefix) and name.endswith(".weight") and len(ckpt.shape(name)) == 2):
+                continue
+            local = self.to_memory(name).removeprefix(prefix).split(".", 1)[1].removesuffix(".weight")
+            if self.group_of(local) is not None:
+                yield name, tuple(ckpt.shape(name))
 
     def linear_groups(self, block: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
         """The block's linears to quantize, grouped and ordered as `sequential` says."""
