@@ -39,6 +39,15 @@ Dataset = Annotated[str, typer.Option("--dataset", help="Calibration text: bundl
                                      "file, hf:NAME[:CONFIG][:SPLIT], or a .pt tensor of token ids [windows, seq_len].")]
 Format = Annotated[str, typer.Option("--format", help="Output layout: gptq, compressed-tensors or marlin (4-bit "
                                      "symmetric, group 128 or -1, no act-order g_idx).")]
+KVCache = Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: calibrate per-tensor FP8 key and value "
+                                               "scales for the KV cache (compressed-tensors or fp8 layouts).")]
+
+
+def _calibration(dataset: str | None, samples: int, seq_len: int, seed: int, needed: bool):
+    """Calibration windows when the method or the KV-cache scales need them (the bundled set by default)."""
+    from qconvert.pipeline import Calibration
+
+    return Calibration(dataset or "mixed", samples, seq_len, seed) if needed else None
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -74,6 +83,7 @@ def rtn(
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
+    kv: KVCache = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -81,13 +91,13 @@ def rtn(
 ):
     """Round-to-nearest weight-only int4/int8, written as compressed-tensors pack-quantized (or Marlin)."""
     from qconvert.algorithms.rtn import RTNConfig
-    from qconvert.pipeline import Calibration, Request
+    from qconvert.pipeline import Request
 
     config = RTNConfig(bits=w_bit, group_size=group, symmetric=sym)
     out = output or _default_output(model, f"rtn-w{w_bit}g{group}")
-    calibration = Calibration(dataset, samples, seq_len, seed) if dataset else None
-    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx), format=fmt),
-             quiet, json_out)
+    calibration = _calibration(dataset, samples, seq_len, seed, dataset is not None or kv is not None)
+    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx), format=fmt,
+                     kv_cache=kv), quiet, json_out)
 
 
 @app.command()
@@ -112,6 +122,7 @@ def gptq(
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
+    kv: KVCache = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -124,7 +135,7 @@ def gptq(
     config = GPTQConfig(w_bit, group, sym, act_order, static_groups, damp, block_size, true_sequential)
     out = output or _default_output(model, f"gptq-w{w_bit}g{group}")
     request = Request(model, out, "gptq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
-                      _command_line(ctx), format=fmt)
+                      _command_line(ctx), format=fmt, kv_cache=kv)
     _convert(request, quiet, json_out)
 
 
@@ -144,6 +155,7 @@ def awq(
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
+    kv: KVCache = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -156,7 +168,7 @@ def awq(
     config = AWQConfig(w_bit, group, zero_point, scale_search, clip=clip)
     out = output or _default_output(model, f"awq-w{w_bit}g{group}")
     request = Request(model, out, "awq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
-                      _command_line(ctx), format=fmt)
+                      _command_line(ctx), format=fmt, kv_cache=kv)
     _convert(request, quiet, json_out)
 
 
@@ -174,6 +186,7 @@ def fp8(
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
+    kv: KVCache = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -181,12 +194,13 @@ def fp8(
 ):
     """FP8 (e4m3) weights and activations, W8A8, for Hopper/Ada GPUs (vLLM, SGLang)."""
     from qconvert.algorithms.fp8 import FP8Config
-    from qconvert.pipeline import Calibration, Request
+    from qconvert.pipeline import Request
 
     config = FP8Config(scheme)
     out = output or _default_output(model, f"fp8-{scheme}")
-    calibration = Calibration(dataset, samples, seq_len, seed) if config.calibrated else None
-    request = Request(model, out, "fp8", config, calibration, device, overwrite, _command_line(ctx), format=fmt)
+    calibration = _calibration(dataset, samples, seq_len, seed, config.calibrated or kv is not None)
+    request = Request(model, out, "fp8", config, calibration, device, overwrite, _command_line(ctx), format=fmt,
+                      kv_cache=kv)
     _convert(request, quiet, json_out)
 
 
@@ -203,6 +217,7 @@ def int8(
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
+    kv: KVCache = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -210,14 +225,14 @@ def int8(
 ):
     """INT8 W8A8: int8 weights per channel, int8 activations per token, as compressed-tensors int-quantized."""
     from qconvert.algorithms.int8 import INT8Config
-    from qconvert.pipeline import Calibration, Request
+    from qconvert.pipeline import Request
 
     config = INT8Config(smoothquant, use_gptq, damp)
     out = output or _default_output(model, "int8" + (f"-sq{smoothquant:g}" if smoothquant is not None else "")
                                     + ("-gptq" if use_gptq else ""))
-    calibrated = smoothquant is not None or use_gptq
-    calibration = Calibration(dataset, samples, seq_len, seed) if calibrated else None
-    _convert(Request(model, out, "int8", config, calibration, device, overwrite, _command_line(ctx)), quiet, json_out)
+    calibration = _calibration(dataset, samples, seq_len, seed, smoothquant is not None or use_gptq or kv is not None)
+    _convert(Request(model, out, "int8", config, calibration, device, overwrite, _command_line(ctx), kv_cache=kv),
+             quiet, json_out)
 
 
 def _convert(request, quiet: bool, json_out: bool) -> None:
@@ -287,24 +302,13 @@ def evaluate(
     device: Device = "auto",
     json_out: Json = False,
 ):
-    """Perplexity on held-out text; with --base, KL divergence and top-1 agreement against it."""
-    from dataclasses import asdict
+    """Perplexity on held-out text; with --base, KL divergence and top-1 agreement against it (also recorded
+    in a qconvert output's report.json)."""
+    from qconvert.eval.run import score
+    from qconvert.report.data import record_evaluation
 
-    from qconvert.calibration.datasets import load_texts
-    from qconvert.calibration.tokens import evaluation_windows
-    from qconvert.eval.loader import load_model
-    from qconvert.eval.metrics import evaluate as score
-    from qconvert.pipeline import resolve_device
-
-    dev, _ = resolve_device(device)
-    import torch
-
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    quant, tokenizer = load_model(model, dtype, dev)
-    base_model = load_model(base, dtype, dev)[0] if base else None
-    windows = evaluation_windows(load_texts(dataset, tokenizer), tokenizer, samples, seq_len)
-    result = asdict(score(quant, windows, base_model))
-    result.update(model=model, base=base, dataset=dataset, seq_len=seq_len)
+    result = score(model, base, dataset, samples, seq_len, device)
+    record_evaluation(model, result)
     if json_out:
         stdout.print_json(json.dumps(result))
         return
@@ -312,6 +316,136 @@ def evaluate(
     for key in ("perplexity", "base_perplexity", "kl_divergence", "top1_agreement", "tokens"):
         if result[key] is not None:
             table.add_row(key.replace("_", " "), f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))
+    stdout.print(table)
+
+
+@app.command()
+def recipes(json_out: Json = False):
+    """The bundled recipes: name, method, format and quality gates."""
+    from dataclasses import asdict
+
+    from qconvert.batch.recipes import bundled
+
+    found = bundled()
+    if json_out:
+        stdout.print_json(json.dumps([{**asdict(r), "calibration": asdict(r.calibration) if r.calibration else None}
+                                      for r in found]))
+        return
+    table = Table()
+    for col in ("recipe", "method", "format", "gates", "description"):
+        table.add_column(col)
+    for r in found:
+        gates = ", ".join(f"{k} {v:g}" for k, v in asdict(r.gates).items() if v is not None)
+        table.add_row(r.name, r.method, r.format or ("gguf " + r.params["type"] if r.method == "gguf" else "default"),
+                      gates, r.description)
+    stdout.print(table)
+
+
+@app.command("run")
+def run_recipe(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="A bundled recipe's name (see `qconvert recipes`) or a YAML file.")],
+    model: Model,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (a .gguf file for gguf recipes).")],
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Score the output against MODEL (always "
+                                           "when the recipe has gates).")] = True,
+    eval_dataset: Annotated[str, typer.Option("--eval-dataset", help="Held-out text for scoring.")] = "heldout",
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out windows.")] = 40,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")] = 512,
+    imatrix_cache: Annotated[Optional[Path], typer.Option("--imatrix-cache", help="Folder where importance "
+                             "matrices are shared between the GGUF recipes of a model.")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_out: Json = False,
+):
+    """Run one recipe: convert, read the output back and verify it, score it against MODEL, check the gates.
+    Exit code 1 when a gate fails or the job does not finish."""
+    from qconvert.batch.jobs import JobOptions, run_job
+    from qconvert.batch.recipes import load
+    from qconvert.progress import layer_progress
+
+    from qconvert.model.checkpoint import Checkpoint, resolve_model
+
+    rec = load(recipe)
+    options = JobOptions(device, eval_dataset, eval_samples, eval_seq_len, imatrix_cache, evaluate)
+    layers = Checkpoint(resolve_model(model)).config_dict.get("num_hidden_layers", 0)
+    with layer_progress(layers, f"{rec.name} {model}", quiet) as on_layer:
+        result = run_job(rec, model, output, options, _command_line(ctx), on_layer)
+    if json_out:
+        stdout.print_json(json.dumps(result))
+    else:
+        _print_job(result)
+    if result["status"] != "ok":
+        raise typer.Exit(1)
+
+
+def _print_job(r: dict) -> None:
+    line = f"{r['recipe']} {r['model']}: [bold]{r['status']}[/]"
+    if r.get("perplexity"):
+        line += f" (ppl {r['perplexity']:.3f} vs {r['base_perplexity']:.3f}, KL {r['kl_divergence']:.4f})"
+    for g in r.get("gates", []):
+        line += f"\n  {g['gate']}: {g['value']:.4g} (limit {g['limit']:g}) {'ok' if g['passed'] else 'FAILED'}"
+    if r.get("error"):
+        line += f"\n  {r['error']}"
+    stdout.print(line)
+
+
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="Manifest YAML: models x recipes (see docs/ci.md).")],
+    jobs: Annotated[int, typer.Option("--jobs", help="Jobs run at once, each in its own process.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip jobs whose outputs exist and verify.")] = False,
+    report_json: Annotated[Optional[Path], typer.Option("--report-json", help="Write every job's result here.")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    quiet: Quiet = False,
+):
+    """Convert, verify, evaluate and gate every model x recipe of MANIFEST; exit code 1 if any job failed
+    or breached a gate. Writes OUTPUT_DIR/index.html linking each job's report page."""
+    from qconvert.batch.manifest import load_manifest
+    from qconvert.batch.run import failed, run_batch, write_index, write_junit
+    from qconvert.output import write_json_atomically
+
+    if jobs < 1:
+        raise QConvertError(f"--jobs {jobs}: at least 1")
+    plan = load_manifest(manifest)
+    results = run_batch(plan, jobs, resume, on_result=lambda job, r: quiet or _print_job({**r, "model": job.id}))
+    if report_json:
+        write_json_atomically(report_json.resolve(), {"manifest": str(plan.path), "jobs": results})
+    if junit:
+        write_junit(results, junit)
+    page = write_index(results, plan)
+    if not quiet:
+        ok = sum(r["status"] == "ok" for r in results)
+        stdout.print(f"{ok}/{len(results)} jobs ok; index: {page}")
+    if failed(results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="A qconvert output: folder, or .gguf file.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Unquantized model to score perplexity and KL against "
+                                                "(evaluations already in report.json are reused).")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Other outputs of the same model, shown "
+                                                          "side by side (repeatable).")] = None,
+    html_file: Annotated[Optional[Path], typer.Option("--html", help="Page to write (default: report.html beside "
+                                                      "report.json).")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", help="Held-out text for --base.")] = "heldout",
+    samples: Samples = 40,
+    seq_len: SeqLen = 512,
+    device: Device = "auto",
+):
+    """A self-contained HTML page of a conversion: error heat map, size by tensor kind, quality table, provenance."""
+    from qconvert.report.build import build
+
+    page, outputs = build(output, compare or [], base, html_file, dataset, samples, seq_len, device)
+    table = Table(title=f"wrote {page}")
+    for col in ("output", "MiB", "perplexity", "KL vs base"):
+        table.add_column(col)
+    for o in outputs:
+        e = o.evaluation or {}
+        table.add_row(o.path.name, f"{o.report['output_bytes'] / 2**20:.1f}",
+                      f"{e['perplexity']:.3f}" if e else "-", f"{e['kl_divergence']:.4f}" if e else "-")
     stdout.print(table)
 
 
@@ -362,8 +496,8 @@ def run(argv: list[str]) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        app(args=argv, prog_name="qconvert", standalone_mode=False, obj={"argv": argv})
-        return 0
+        code = app(args=argv, prog_name="qconvert", standalone_mode=False, obj={"argv": argv})
+        return code if isinstance(code, int) else 0  # a command's typer.Exit(code) comes back as its value
     except QConvertError as exc:
         stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

@@ -19,6 +19,7 @@ import torch
 
 from qconvert.algorithms import Algorithm, InputSet, algorithm_for
 from qconvert.errors import QConvertError
+from qconvert.kv_cache import KVObserver, scale_names
 from qconvert.model.architectures import Architecture
 from qconvert.model.blocks import (
     build_skeleton,
@@ -31,10 +32,12 @@ from qconvert.model.blocks import (
     unload_block,
 )
 from qconvert.model.checkpoint import Checkpoint
+from qconvert.quantized import FP8Tensor
 
 log = logging.getLogger(__name__)
 
 ERROR_BATCHES = 4  # mini-batches whose block outputs measure each layer's output error
+SAMPLE_TOKENS = 1024  # calibration tokens of each linear's input kept to measure its output error
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,17 @@ class EngineOptions:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # compute dtype of blocks and activations
     batch_size: int = 8
+    kv_cache: bool = False  # calibrate FP8 KV-cache scales on the quantized blocks' keys and values
 
 
 @dataclass
 class LinearReport:
     weight_error: float  # ||W - Q||^2 / ||W||^2
     tokens: int | None  # calibration tokens the linear saw (None without calibration)
+    output_error: float | None = None  # ||X(W - Q)^T||^2 / ||XW^T||^2 on a sample X of its calibration inputs
+    bits: int | None = None
+    group: str | None = None  # "g128", "channel", "tensor", "block128x128"
+    seconds: float = 0.0  # its input set's quantization time, shared equally among the set's linears
 
 
 @dataclass
@@ -131,14 +139,42 @@ def input_sets(groups) -> list[InputSet]:
     return list(sets.values())
 
 
-def _feed(sets: list[InputSet], algorithm: Algorithm) -> tuple[dict[str, object], list]:
-    """Hook each set's first linear so its input feeds the algorithm's statistics (once per set)."""
+class InputSample:
+    """The first SAMPLE_TOKENS input rows a linear reads."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.count < SAMPLE_TOKENS:
+            rows = x.detach().reshape(-1, x.shape[-1])[: SAMPLE_TOKENS - self.count]
+            self.rows.append(rows.clone())
+            self.count += rows.shape[0]
+
+    def output_error(self, weight: torch.Tensor, quantized: torch.Tensor) -> float | None:
+        if not self.count:
+            return None
+        x = torch.cat(self.rows).to(weight.dtype)
+        return _relative_error(torch.nn.functional.linear(x, quantized), torch.nn.functional.linear(x, weight))
+
+
+def _feed(sets: list[InputSet], algorithm: Algorithm, samples: dict) -> tuple[dict[str, object], list]:
+    """Hook each set's first linear so its input feeds the algorithm's statistics and an input sample
+    (replacing the set's entry in `samples`)."""
     stats, handles = {}, []
     for s in sets:
         acc = algorithm.statistics(s)
+        sample = samples[s.key] = InputSample()
+
+        def feed(_m, args, acc=acc, sample=sample):
+            sample.update(args[0])
+            if acc is not None:
+                acc.update(args[0])
+
         if acc is not None:
             stats[s.key] = acc
-            handles.append(s.linears[0].register_forward_pre_hook(lambda _m, args, acc=acc: acc.update(args[0])))
+        handles.append(s.linears[0].register_forward_pre_hook(feed))
     return stats, handles
 
 
@@ -165,13 +201,14 @@ def convert(
     algorithm = algorithm_for(config, arch)
     on_gpu = options.device.type == "cuda"
     reports = []
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         # the GPU libraries and kernels load while the CPU builds the model and embeds the calibration
-        # tokens; the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
+        # tokens (the model's kernels and the algorithm's in two threads: each takes about a second);
+        # the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
         # meanwhile, and each block is read while the one before it computes
         background = [pool.submit(_write_outside_blocks, ckpt, arch, writer)]
         if on_gpu and tokens is not None:
-            background.append(pool.submit(_warm_up, algorithm, options))
+            background += [pool.submit(_warm_up, options), pool.submit(algorithm.warm_up, options.device)]
         upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu)
         model = build_skeleton(ckpt, arch, options.dtype)
         blocks = decoder_blocks(model, arch)
@@ -185,7 +222,7 @@ def convert(
                 upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
             originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
             del stored
-            report = _BlockStep(block, index, arch, algorithm, writer, inputs).run(originals)
+            report = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache).run(originals)
             unload_block(block)
             report.seconds = time.perf_counter() - start
             if report.uncalibrated:
@@ -198,15 +235,14 @@ def convert(
     return reports
 
 
-def _warm_up(algorithm: Algorithm, options: EngineOptions) -> None:
-    """The first matrix product and attention call in a process load cuBLAS and the attention kernels
-    (about a second with the algorithm's own): done while the CPU embeds the calibration tokens."""
+def _warm_up(options: EngineOptions) -> None:
+    """The first matrix product and attention call in a process load cuBLAS and the attention kernels:
+    done while the CPU embeds the calibration tokens."""
     x = torch.randn(1, 2, 128, 64, device=options.device, dtype=options.dtype)
     torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(128, 128, dtype=torch.bool,
                                                                                     device=x.device).tril())
     x = torch.randn(256, 256, device=options.device, dtype=options.dtype)
     torch.nn.functional.linear(x, x)
-    algorithm.warm_up(options.device)
 
 
 def _write_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer) -> None:
@@ -216,18 +252,27 @@ def _write_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer) -> None:
             writer.add_tensor(name, ckpt.get(name))
 
 
+def bits_and_group(qt) -> tuple[int, str]:
+    if isinstance(qt, FP8Tensor):
+        if qt.block is not None:
+            return 8, f"block{qt.block[0]}x{qt.block[1]}"
+        return 8, "tensor" if qt.scale.numel() == 1 else "channel"
+    return qt.bits, "channel" if qt.group_size == -1 else f"g{qt.group_size}"
+
+
 class _BlockStep:
     """One loaded block through the algorithm: reference pass, rewrite, quantization group by group,
     writing, and the pass that yields the next block's inputs."""
 
-    def __init__(self, block, index: int, arch: Architecture, algorithm: Algorithm, writer, inputs):
+    def __init__(self, block, index: int, arch: Architecture, algorithm: Algorithm, writer, inputs, kv_cache=False):
         self.block, self.index, self.arch, self.algorithm = block, index, arch, algorithm
-        self.writer, self.inputs = writer, inputs
+        self.writer, self.inputs, self.kv_cache = writer, inputs, kv_cache
         self.prefix = f"{arch.layers}.{index}."
         self.groups = arch.linear_groups(block)
         self.sets = input_sets(self.groups)
         self.report = LayerReport(index, 0.0)
         self.seen: dict[str, Observation] | None = None
+        self.samples: dict[tuple[int, str], InputSample] = {}
 
     def run(self, originals: dict[str, torch.Tensor]) -> LayerReport:
         calibrated = self.inputs is not None
@@ -242,7 +287,7 @@ class _BlockStep:
                 self._quantize(s, stats.pop(s.key, None), originals)
         self._write_rest(originals, changed)
         if calibrated:
-            self._advance(reference)
+            self._advance(reference, originals)
         return self.report
 
     def _reference_pass(self):
@@ -250,7 +295,7 @@ class _BlockStep:
         the statistics of the first group (of every group, unless the algorithm is sequential)."""
         first = [s for s in self.sets if s.group == 0 or not self.algorithm.sequential]
         self.seen, handles = _observe(self.groups, lambda n, l: None)
-        stats, feed = _feed(first, self.algorithm)
+        stats, feed = _feed(first, self.algorithm, self.samples)
         handles += feed + self.algorithm.observe(self.block, self.sets)
         # the output error is measured on the first mini-batches: keeping every reference output
         # would hold a second copy of the calibration activations through the whole block
@@ -263,8 +308,8 @@ class _BlockStep:
         """Group gi's statistics (every group's for None) on the outputs of the groups already
         quantized before it."""
         sets = [s for s in self.sets if gi is None or s.group == gi]
-        stats, handles = _feed(sets, self.algorithm)
-        if stats:
+        stats, handles = _feed(sets, self.algorithm, self.samples)
+        if sets:
             following = self.groups[gi + 1] if gi is not None and gi + 1 < len(self.groups) else None
             # the last group: when one linear's input feeds it all, the pass can end right there
             # (its statistics hook runs before the stop, being registered first)
@@ -277,13 +322,19 @@ class _BlockStep:
     def _quantize(self, s: InputSet, stats, originals) -> None:
         """Quantize one input set, write it, and put its dequantized weights back into the block."""
         scale_dtype = getattr(self.writer, "scale_dtype", None) or originals[f"{s.names[0]}.weight"].dtype
-        for name, lin, qt in zip(s.names, s.linears, self.algorithm.quantize(s, stats, scale_dtype)):
+        start = time.perf_counter()
+        results = self.algorithm.quantize(s, stats, scale_dtype)
+        seconds = (time.perf_counter() - start) / len(s.names)
+        sample = self.samples.get(s.key)
+        for name, lin, qt in zip(s.names, s.linears, results):
             tokens_seen = None if self.seen is None else self.seen[name].tokens
             if tokens_seen == 0:
                 self.report.uncalibrated.append(name)
             self.writer.add_quantized(self.arch.to_file(f"{self.prefix}{name}.weight"), qt)
             dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
-            self.report.linears[name] = LinearReport(_relative_error(dq, lin.weight), tokens_seen)
+            self.report.linears[name] = LinearReport(
+                _relative_error(dq, lin.weight), tokens_seen, sample and sample.output_error(lin.weight, dq),
+                *bits_and_group(qt), round(seconds, 4))
             lin.weight.data = dq
 
     def _write_rest(self, originals: dict[str, torch.Tensor], changed: set[str]) -> None:
@@ -297,9 +348,17 @@ class _BlockStep:
                 tensor = params[name].detach().to(device="cpu", dtype=tensor.dtype)
             self.writer.add_tensor(self.arch.to_file(self.prefix + name), tensor)
 
-    def _advance(self, reference: list[torch.Tensor]) -> None:
-        """Run the quantized block: its outputs are the next block's inputs and measure its error."""
-        outputs = run_block(self.block, self.index, self.inputs)
+    def _advance(self, reference: list[torch.Tensor], originals: dict[str, torch.Tensor]) -> None:
+        """Run the quantized block: its outputs are the next block's inputs and measure its error; the
+        keys and values its attention stores calibrate the KV-cache scales (as the engine will see them,
+        from quantized weights)."""
+        observer = KVObserver() if self.kv_cache else None
+        outputs = run_block(self.block, self.index, self.inputs, cache=observer and observer.cache())
+        if observer is not None:
+            dtype = next(t.dtype for t in originals.values() if t.is_floating_point())
+            names = scale_names(self.arch.layers, self.index)
+            for key, scale in observer.scales(dtype).items():
+                self.writer.add_tensor(self.arch.to_file(names[key]), scale)
         num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
         den = sum(float(r.float().pow(2).sum()) for r in reference)
         self.report.output_error = num / max(den, 1e-30)

@@ -18,7 +18,7 @@ from qconvert.formats.gguf.convert import GGUFPlan, plan, write_gguf
 from qconvert.formats.gguf.mixtures import FILE_TYPES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
-from qconvert.output import staged_file
+from qconvert.output import staged_file, write_json_atomically
 from qconvert.pipeline import Calibration, calibration_tokens, resolve_device
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
@@ -94,12 +94,35 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
     with staged_file(req.output, req.overwrite, source) as tmp:
         if is_float:
             write_gguf(gguf_plan, ckpt.get, tmp, type_name)
-            types = {}
+            records = _float_records(gguf_plan, _STORAGE[type_name])
         else:
             dev, _ = resolve_device(req.device)
             recorded = req.imatrix_file or req.save_imatrix
-            types = quantized_file.write(gguf_plan, ckpt.get, tmp, FILE_TYPES[type_name], intermediate_type(ckpt),
-                                         importance, str(recorded) if recorded else None, dev, on_tensor)
+            records = quantized_file.write(gguf_plan, ckpt.get, tmp, FILE_TYPES[type_name], intermediate_type(ckpt),
+                                           importance, str(recorded) if recorded else None, dev, on_tensor)
+    summary = _summary(req, type_name, gguf_plan, importance, ckpt, records, time.perf_counter() - start)
+    write_json_atomically(report_path(req.output), summary)
+    return summary
+
+
+def report_path(gguf_file: Path) -> Path:
+    """report.json of a GGUF output: beside the file, named after it."""
+    return gguf_file.parent / f"{gguf_file.name}.report.json"
+
+
+def _float_records(gguf_plan: GGUFPlan, storage: Q) -> dict[str, quantized_file.TensorRecord]:
+    """Float outputs keep 1-D tensors in F32 and store the rest in the chosen type, without rounding error
+    worth measuring."""
+    records = {}
+    for spec in gguf_plan.tensors:
+        qtype = Q.F32 if len(spec.shape) == 1 else storage
+        nbytes = spec.n_elements * (4 if qtype == Q.F32 else 2)
+        records[spec.gguf_name] = quantized_file.TensorRecord(qtype.name, list(spec.shape), nbytes, None, 0.0)
+    return records
+
+
+def _summary(req: GGUFRequest, type_name: str, gguf_plan: GGUFPlan, importance, ckpt: Checkpoint, records: dict,
+             seconds: float) -> dict:
     return {
         "tool": f"qconvert {__version__}",
         "command": req.command,
@@ -107,13 +130,13 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
         "output": str(req.output),
         "type": type_name,
         "architecture": gguf_plan.arch,
-        "tensors": len(gguf_plan.tensors),
-        "tensor_types": dict(Counter(t.name for t in types.values())) if types else {type_name: len(gguf_plan.tensors)},
+        "tensor_types": dict(Counter(r.type for r in records.values())),
         "imatrix": None if importance is None else {
             "entries": len(importance.entries),
             "source": str(req.imatrix_file) if req.imatrix_file else asdict(req.calibration),
         },
         "source_bytes": ckpt.nbytes(),
         "output_bytes": req.output.stat().st_size,
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
+        "tensors": {name: asdict(r) for name, r in records.items()},
     }

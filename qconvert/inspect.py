@@ -92,14 +92,19 @@ def _format(qc: dict) -> str | None:
     return qc.get("format") or qc.get("version") or qc.get("checkpoint_format")
 
 
+def quantized_modules(ckpt: Checkpoint) -> tuple[dict[str, tuple[str, int]], tuple[str, ...]]:
+    """module -> (scheme, logical weights) for every quantized module, and the tensor suffixes each stores."""
+    qc = ckpt.config_dict.get("quantization_config")
+    layout = (_marlin_modules, marlin.SUFFIXES) if marlin.is_marlin(qc) else _LAYOUTS.get((qc or {}).get("quant_method"))
+    return (layout[0](ckpt, qc), layout[1]) if layout else ({}, ())
+
+
 def describe(path: Path) -> dict:
     ckpt = Checkpoint(path)
     cfg = ckpt.config_dict
     qc = cfg.get("quantization_config")
     dtypes: Counter = Counter(ckpt.dtype(name) for name in ckpt.names())
-    layout = (_marlin_modules, marlin.SUFFIXES) if marlin.is_marlin(qc) else _LAYOUTS.get((qc or {}).get("quant_method"))
-    quantized = layout[0](ckpt, qc) if layout else {}
-    suffixes = layout[1] if layout else ()
+    quantized, suffixes = quantized_modules(ckpt)
     stored = {f"{m}.{s}" for m in quantized for s in suffixes}
     # count logical weights, not packed words, scales or zero points
     params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if n not in stored)

@@ -77,6 +77,21 @@ def staged_file(out: Path, overwrite: bool, source: Path | None = None) -> Itera
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Replace `path` with `data` as JSON; a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _publish_permissions(stage: Path) -> None:
     """mkdtemp and safetensors create private (0700/0600) entries; give them the usual umask modes."""
     umask = os.umask(0)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from qconvert import __version__
+from qconvert import __version__, kv_cache
+from qconvert.algorithms.fp8 import check_block_shapes
 from qconvert.calibration.datasets import load_texts
 from qconvert.calibration.tokens import calibration_windows, saved_windows
 from qconvert.engine import EngineOptions, LayerReport, convert
@@ -42,6 +43,7 @@ class Request:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     batch_size: int = 8
     format: str = "compressed-tensors"
+    kv_cache: str | None = None  # "fp8": calibrated per-tensor k/v scales
 
 
 def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
@@ -74,6 +76,21 @@ FORMATS = {"rtn": ("compressed-tensors", "marlin"), "gptq": ("gptq", "compressed
 
 # W8A8 methods and their compressed-tensors format (weights stored as 8-bit values, not packed)
 DENSE = {"fp8": "float-quantized", "int8": "int-quantized"}
+
+# the layouts whose readers in vLLM load k_scale / v_scale (its gptq, awq and marlin loaders have none)
+KV_CACHE_FORMATS = ("compressed-tensors", "fp8")
+
+
+def check_kv_cache(request: "Request") -> None:
+    if request.kv_cache is None:
+        return
+    if request.kv_cache not in kv_cache.CHOICES:
+        raise QConvertError(f"--kv-cache {request.kv_cache}: choose one of {', '.join(kv_cache.CHOICES)}")
+    if request.format not in KV_CACHE_FORMATS:
+        raise QConvertError(f"--kv-cache {request.kv_cache}: --format {request.format} has no place for KV-cache "
+                            f"scales that vLLM reads; use --format {' or '.join(f for f in KV_CACHE_FORMATS if f in FORMATS[request.method])}")
+    if request.calibration is None:
+        raise QConvertError(f"--kv-cache {request.kv_cache}: the scales are calibrated, give --dataset")
 
 
 def check_format(method: str, fmt: str, config) -> object:
@@ -164,20 +181,27 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
     """Convert request.model into request.output; returns the summary that report.json holds."""
     start = time.perf_counter()
     config = check_format(request.method, request.format, request.config)
+    check_kv_cache(request)
     source = resolve_model(request.model)
     ckpt = Checkpoint(source)
     arch = architecture_for(ckpt.model_type)
     if request.format == "marlin":  # the kernel's shape limits, named per layer before anything is written
         marlin.check_shapes(ckpt, arch)
+    if request.method == "fp8" and config.scheme == "block":
+        check_block_shapes(ckpt, arch)
     device, dtype = resolve_device(request.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens = None if request.calibration is None else calibration_tokens(source, request.calibration)
-    options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size)
+    options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size,
+                            kv_cache=request.kv_cache is not None)
     with staged_output(request.output, request.overwrite, source) as stage:
         writer, finish = _writer(request, arch, stage)
         layers = convert(ckpt, arch, config, writer, tokens, options, on_layer)
-        write_config(ckpt.config_dict, stage, finish())
+        qc = finish()
+        if request.kv_cache is not None and qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
+            qc["kv_cache_scheme"] = dict(kv_cache.SCHEME)
+        write_config(ckpt.config_dict, stage, qc)
         copy_aux_files(source, stage)
         summary = _summary(request, ckpt, layers, stage, time.perf_counter() - start)
         summary["peak_memory"] = peak_memory(device)
@@ -207,6 +231,7 @@ def _summary(request: Request, ckpt: Checkpoint, layers: list[LayerReport], stag
         "format": request.format,
         "config": asdict(request.config),
         "calibration": asdict(request.calibration) if request.calibration else None,
+        "kv_cache": request.kv_cache,
         "source_bytes": ckpt.nbytes(),
         "output_bytes": size,
         "seconds": round(seconds, 3),
@@ -235,6 +260,7 @@ def _card_facts(summary: dict) -> dict:
         "group size": cfg.get("group_size"),
         "symmetric": cfg.get("symmetric"),
         "calibration": f"{cal['dataset']} ({cal['samples']} x {cal['seq_len']} tokens, seed {cal['seed']})" if cal else "none",
+        "KV cache": summary["kv_cache"] or "model dtype",
         "size": f"{summary['output_bytes'] / 2**20:.1f} MiB (from {summary['source_bytes'] / 2**20:.1f} MiB)",
         "tool": summary["tool"],
     }

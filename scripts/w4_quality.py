@@ -1,5 +1,5 @@
 """Quality side by side on real models: W4A16 (qconvert RTN / GPTQ / AWQ vs llm-compressor 0.14, the peer)
-and W8A8 (qconvert fp8 in its three schemes, int8 with and without SmoothQuant).
+and W8A8 (qconvert fp8 in its three schemes, with an FP8 KV cache, int8 with and without SmoothQuant).
 
     python scripts/w4_quality.py [--models smollm2,gemma3] [--runs base,rtn-sym,...] [--work DIR]
                                  [--peer-python /work/venvs/llmc/bin/python] [--timeout 3600]
@@ -29,7 +29,7 @@ MODELS_DIR = Path("~/.cache/qconvert/models").expanduser()
 MODELS = {"smollm2": ("smollm2-135m", 64, torch.float32), "gemma3": ("gemma3-270m", 128, torch.float32)}
 RUNS = ["base", "rtn-sym", "rtn-asym", "peer-gptq", "peer-awq", "gptq", "gptq-actorder", "gptq-actorder-static", "awq"]
 # W8A8 runs (--runs base,fp8-dynamic,...); calibrated ones read the first 32 of the saved windows
-W8A8_RUNS = ["fp8-dynamic", "fp8-static", "fp8-block", "int8", "int8-sq"]
+W8A8_RUNS = ["fp8-dynamic", "fp8-static", "fp8-block", "int8", "int8-sq", "fp8-dynamic-kv"]
 PEER = Path(__file__).with_name("peer_llmcompressor.py")
 
 
@@ -44,6 +44,7 @@ def command(run: str, model: Path, group: int, out: Path, ids: Path, peer: list[
         "fp8-dynamic": [*q, "fp8", str(model), *w8],
         "fp8-static": [*q, "fp8", str(model), *w8, "--scheme", "static", *cal8],
         "fp8-block": [*q, "fp8", str(model), *w8, "--scheme", "block"],
+        "fp8-dynamic-kv": [*q, "fp8", str(model), *w8, "--kv-cache", "fp8", *cal8],
         "int8": [*q, "int8", str(model), *w8],
         "int8-sq": [*q, "int8", str(model), *w8, "--smoothquant", "0.5", *cal8],
         "rtn-sym": [*q, "rtn", str(model), *w4, "--sym"],

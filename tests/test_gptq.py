@@ -144,4 +144,5 @@ def test_gpu_warm_up_runs_on_any_device():
     from qconvert.algorithms import algorithm_for
     from qconvert.engine import EngineOptions, _warm_up
 
-    _warm_up(algorithm_for(GPTQConfig(), None), EngineOptions(device=torch.device("cpu"), dtype=torch.bfloat16))
+    _warm_up(EngineOptions(device=torch.device("cpu"), dtype=torch.bfloat16))
+    algorithm_for(GPTQConfig(), None).warm_up(torch.device("cpu"))

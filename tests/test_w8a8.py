@@ -58,7 +58,7 @@ def test_activation_rounding_per_token(kind):
     (["int8", "--smoothquant", "0.5", "--gptq"], "int-quantized", ("channel", "token")),
 ])
 def test_compressed_tensors_w8a8(tiny, qconvert, tmp_path, args, fmt, scheme):
-    model = tiny("llama")
+    model = tiny("llama", head_dim=64)  # every linear made of whole 128 x 128 blocks
     out = tmp_path / "out"
     res = qconvert(*args, model, "-o", out, *SMALL)
     assert res.code == 0, res.err
@@ -99,7 +99,7 @@ def test_smoothquant_writes_the_folded_norms(tiny, qconvert, tmp_path):
 
 def test_vllm_fp8_layout(tiny, qconvert, tmp_path):
     out = tmp_path / "out"
-    res = qconvert("fp8", tiny("qwen3"), "--scheme", "block", "--format", "fp8", "-o", out, *SMALL)
+    res = qconvert("fp8", tiny("qwen3", head_dim=64), "--scheme", "block", "--format", "fp8", "-o", out, *SMALL)
     assert res.code == 0, res.err
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128] and "lm_head" in qc["ignored_layers"]
@@ -114,6 +114,7 @@ def test_vllm_fp8_layout(tiny, qconvert, tmp_path):
     (["fp8", "--scheme", "tensorwise"], "--scheme tensorwise"),
     (["int8", "--smoothquant", "1.5"], "between 0 and 1"),
     (["int8", "--format", "gptq"], "No such option"),
+    (["fp8", "--scheme", "block"], "k_proj: [64 x 128] is not made of whole 128x128 blocks"),
 ])
 def test_w8a8_refusals(tiny, qconvert, tmp_path, args, fragment):
     res = qconvert(*args, tiny("llama"), "-o", tmp_path / "out", *SMALL)

@@ -60,6 +60,18 @@ def quantize_fp8(w: torch.Tensor, scheme: str, scale_dtype: torch.dtype) -> FP8T
     return FP8Tensor(to_fp8(w, scale), scale)
 
 
+def check_block_shapes(ckpt, arch) -> None:
+    """The block scheme's activations are scaled per group of 128 input columns and vLLM takes the weight
+    blocks whole: refuse, before anything is written, a linear whose sizes are not multiples of 128."""
+    misfits = [(name.removesuffix(".weight"), shape) for name, shape in arch.quantized_weights(ckpt)
+               if shape[0] % BLOCK[0] or shape[1] % BLOCK[1]]
+    if misfits:
+        name, (rows, cols) = misfits[0]
+        others = f" ({len(misfits) - 1} other linears neither)" if len(misfits) > 1 else ""
+        raise QConvertError(f"{name}: [{rows} x {cols}] is not made of whole {BLOCK[0]}x{BLOCK[1]} blocks{others}; "
+                            "use --scheme dynamic or static")
+
+
 class AbsMax:
     """The largest |x| over every token a linear reads."""
 

@@ -7,6 +7,7 @@ scores exactly what was written to disk.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qconvert.errors import QConvertError
 from qconvert.eval.activations import add_activation_hooks, fake_quantizer
 from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
+from qconvert.kv_cache import ATTENTION, SCALES, add_kv_rounding
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.quantized import FP8Tensor, QuantizedTensor
 
@@ -48,6 +50,18 @@ def dequantized_state(ckpt: Checkpoint, quantizers: dict | None = None) -> dict[
     return state
 
 
+_KV_SCALE = re.compile(rf"(.+)\.(\d+)\.{ATTENTION}\.({'|'.join(SCALES)})$")
+
+
+def pop_kv_scales(state: dict[str, torch.Tensor]) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    """Take the FP8 KV-cache scales out of `state`: {layer list path: {layer index: {k_scale, v_scale}}}."""
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in [n for n in state if _KV_SCALE.match(n)]:
+        layers, index, scale = _KV_SCALE.match(name).groups()
+        found.setdefault(layers, {}).setdefault(int(index), {})[scale] = state.pop(name)
+    return found
+
+
 def _input_activations(qc: dict, module: str) -> dict | None:
     if qc.get("quant_method") == fp8.QUANT_METHOD:
         return {"num_bits": 8, "type": "float", "strategy": "group", "group_size": fp8.BLOCK[1]}
@@ -56,8 +70,21 @@ def _input_activations(qc: dict, module: str) -> dict | None:
     return None
 
 
+def _load_gguf(file: Path, dtype: torch.dtype):
+    """A GGUF file, dequantized by transformers' GGUF reader (gguf-py's block dequantizers)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except Exception as exc:
+        raise QConvertError(f"{file}: transformers cannot load this GGUF file ({exc})") from None
+    return model, tokenizer
+
+
 def load_model(spec: str, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer) for a checkpoint directory or hub id."""
+    """(model, tokenizer) for a checkpoint directory, hub id or GGUF file."""
+    if Path(spec).suffix == ".gguf" and Path(spec).is_file():
+        model, tokenizer = _load_gguf(Path(spec), dtype)
+        return model.to(device).eval(), tokenizer
     path = resolve_model(spec)
     ckpt = Checkpoint(path)
     try:
@@ -70,10 +97,13 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device):
         with tempfile.TemporaryDirectory(prefix="qconvert-eval-") as tmp:
             quantizers = {}
             state = dequantized_state(ckpt, quantizers)
+            kv_scales = pop_kv_scales(state)
             save_file({k: v.contiguous() for k, v in state.items()}, Path(tmp) / "model.safetensors")
             del state
             config = {k: v for k, v in ckpt.config_dict.items() if k != "quantization_config"}
             (Path(tmp) / "config.json").write_text(json.dumps(config))
             model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
         add_activation_hooks(model, quantizers)
+        for layers, scales in kv_scales.items():
+            add_kv_rounding(model.get_submodule(layers), scales)
     return model.to(device).eval(), tokenizer

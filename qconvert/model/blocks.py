@@ -200,10 +200,10 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def run_block(block: nn.Module, index: int, inputs: BlockInputs, stop_at: nn.Module | None = None,
-              keep: int | None = None) -> list[torch.Tensor]:
+              keep: int | None = None, cache=None) -> list[torch.Tensor]:
     """The block's outputs for every mini-batch (the first `keep` only, when given); with `stop_at`,
     each pass ends where that module would run (for hooks that only need the part before it) and
-    nothing is returned."""
+    nothing is returned; `cache` is handed to the attention as its KV cache."""
     handle = None
     if stop_at is not None:
         def stop(_module, _args):
@@ -214,6 +214,8 @@ def run_block(block: nn.Module, index: int, inputs: BlockInputs, stop_at: nn.Mod
     try:
         for hidden in inputs.hidden:
             args, kwargs = inputs.args_for(index, hidden)
+            if cache is not None:
+                kwargs = {**kwargs, "past_key_values": cache}
             try:
                 out = block(hidden, *args, **kwargs)
             except _Stop:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import time
+from dataclasses import dataclass
+
 import gguf
 import numpy as np
 import torch
@@ -26,6 +29,28 @@ from qconvert.formats.gguf.mixtures import ModelFacts, TensorInfo, quantizer_ord
 
 INTERMEDIATE = {torch.bfloat16: Q.BF16, torch.float16: Q.F16, torch.float32: Q.F32}
 _ROUND = {Q.BF16: torch.bfloat16, Q.F16: torch.float16}
+ERROR_ROWS = 256  # rows per tensor dequantized to measure its quantization error
+
+
+@dataclass
+class TensorRecord:
+    """What one tensor became, for report.json."""
+
+    type: str
+    shape: list[int]  # GGUF order (columns first)
+    bytes: int
+    weight_error: float | None  # ||W - Q||^2 / ||W||^2 on up to ERROR_ROWS rows spread over the tensor
+    seconds: float
+
+
+def sampled_error(encoded: np.ndarray, qtype: Q, values: torch.Tensor) -> float:
+    """Relative squared error of the encoded tensor on evenly spaced rows (GGUF rows are independent)."""
+    rows = values.reshape(-1, values.shape[-1]).float()
+    pick = torch.linspace(0, rows.shape[0] - 1, min(ERROR_ROWS, rows.shape[0])).round().long()
+    raw = np.ascontiguousarray(encoded).view(np.uint8).reshape(rows.shape[0], -1)[pick.numpy()]
+    approx = quants.dequantize(raw, qtype, (len(pick), rows.shape[1]))
+    ref = rows[pick]
+    return float((approx - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
 
 
 def model_facts(plan: GGUFPlan) -> ModelFacts:
@@ -98,9 +123,9 @@ def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imat
 def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path, ftype: LlamaFileType,
           intermediate: Q, imatrix: Imatrix | None = None, imatrix_file: str | None = None,
           device: torch.device = torch.device("cpu"),
-          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None) -> dict[str, Q]:
-    """Write the quantized file; returns the type chosen for every tensor. imatrix_file: the path
-    to record in the file's metadata, as the user gave it to llama-quantize."""
+          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None) -> dict[str, TensorRecord]:
+    """Write the quantized file; returns what every tensor became. imatrix_file: the path to record in
+    the file's metadata, as the user gave it to llama-quantize."""
     types = plan_types(plan, intermediate, ftype, imatrix is not None)
     by_name = {s.gguf_name: s for s in plan.tensors}
     order = [by_name[n] for n in quantizer_order(list(by_name))]
@@ -117,9 +142,16 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    records = {}
     for spec in order:
         qtype = types[spec.gguf_name]
-        writer.write_tensor_data(encode(spec, tensor_data(spec, loader), qtype, intermediate, imatrix, device))
+        start = time.perf_counter()
+        values = tensor_data(spec, loader)
+        encoded = encode(spec, values, qtype, intermediate, imatrix, device)
+        writer.write_tensor_data(encoded)
+        records[spec.gguf_name] = TensorRecord(qtype.name, list(spec.shape), encoded.nbytes,
+                                               sampled_error(encoded, qtype, values),
+                                               round(time.perf_counter() - start, 4))
         on_tensor(spec.gguf_name, qtype)
     writer.close()
-    return types
+    return records

@@ -1,0 +1,169 @@
+"""One job: convert a model with a recipe, read the output back and verify it, score it against the base,
+check the recipe's gates."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qconvert.batch.recipes import Recipe
+from qconvert.errors import QConvertError
+from qconvert.pipeline import Calibration
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    device: str = "auto"
+    eval_dataset: str = "heldout"
+    eval_samples: int = 40
+    eval_seq_len: int = 512
+    imatrix_cache: Path | None = None  # where imatrices are kept for the other GGUF recipes of a model
+    evaluate: bool = True
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    p = recipe.params
+    return (recipe.method in ("gptq", "awq") or recipe.kv_cache is not None
+            or (recipe.method == "fp8" and p.get("scheme") == "static")
+            or (recipe.method == "int8" and (p.get("smoothquant") is not None or p.get("gptq", False)))
+            or (recipe.method == "gguf" and p.get("imatrix", False)))
+
+
+def convert(recipe: Recipe, model: str, out: Path, options: JobOptions, overwrite: bool, command: str,
+            on_layer=lambda r: None) -> dict:
+    calibration = (recipe.calibration or Calibration("mixed")) if needs_calibration(recipe) else recipe.calibration
+    if recipe.method == "gguf":
+        return _convert_gguf(recipe, model, out, calibration, options, overwrite, command, on_layer)
+    from qconvert.pipeline import FORMATS, Request, run
+
+    request = Request(model, out, recipe.method, recipe.config(), calibration, options.device, overwrite, command,
+                      format=recipe.format or FORMATS[recipe.method][0], kv_cache=recipe.kv_cache)
+    return run(request, on_layer)
+
+
+def _convert_gguf(recipe, model, out, calibration, options, overwrite, command, on_layer) -> dict:
+    from qconvert.gguf_pipeline import GGUFRequest, run
+
+    imatrix = recipe.params.get("imatrix", False)
+    base = GGUFRequest(model, out, recipe.params["type"], imatrix, calibration=calibration or Calibration("mixed"),
+                       device=options.device, overwrite=overwrite, command=command)
+    if not (imatrix and options.imatrix_cache):
+        return run(base, on_layer)
+    # one imatrix per model and calibration, computed by the first recipe that needs it (the others wait on
+    # the lock, then read it)
+    options.imatrix_cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([str(Path(model).resolve()), asdict(base.calibration)]).encode()).hexdigest()[:16]
+    cached = options.imatrix_cache / f"{key}.imatrix.gguf"
+    with open(options.imatrix_cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cached.is_file():
+            partial = cached.with_suffix(".partial")
+            summary = run(_replace(base, save_imatrix=partial), on_layer)
+            partial.rename(cached)
+            summary["imatrix_shared"] = "computed"
+            return summary
+    summary = run(_replace(base, imatrix=False, imatrix_file=cached), on_layer)
+    summary["imatrix_shared"] = "reused"
+    return summary
+
+
+def _replace(request, **changes):
+    from dataclasses import replace
+
+    return replace(request, **changes)
+
+
+def verify(out: Path, model: str) -> list[str]:
+    """What is wrong with the written output, read back through qconvert's readers (empty: nothing)."""
+    try:
+        return _verify_gguf(out) if out.is_file() else _verify_checkpoint(out, model)
+    except QConvertError as exc:
+        return [str(exc)]
+    except Exception as exc:  # noqa: BLE001  (an unreadable output is a finding, not a crash)
+        return [f"{out}: cannot be read back ({type(exc).__name__}: {exc})"]
+
+
+def _verify_checkpoint(out: Path, model: str) -> list[str]:
+    import torch
+
+    from qconvert.eval.loader import dequantized_state
+    from qconvert.model.checkpoint import Checkpoint, resolve_model
+
+    ckpt = Checkpoint(out)
+    if "quantization_config" not in ckpt.config_dict:
+        return [f"{out}/config.json has no quantization_config"]
+    base = Checkpoint(resolve_model(model))
+    problems, compared = [], 0
+    for name, tensor in dequantized_state(ckpt).items():
+        if not torch.isfinite(tensor).all():
+            problems.append(f"{name}: not finite")
+        if name in base:
+            compared += 1
+            if tuple(tensor.shape) != tuple(base.shape(name)):
+                problems.append(f"{name}: shape {tuple(tensor.shape)}, base {tuple(base.shape(name))}")
+    if compared == 0:
+        problems.append(f"{out}: no tensor matches the base model's names")
+    return problems
+
+
+def _verify_gguf(out: Path) -> list[str]:
+    import gguf
+
+    from qconvert.report.data import load
+
+    stored = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    expected = load(out)["tensors"]
+    problems = [f"{n}: missing from the file" for n in expected if n not in stored]
+    problems += [f"{n}: type {stored[n].tensor_type.name}, report says {r['type']}"
+                 for n, r in expected.items() if n in stored and stored[n].tensor_type.name != r["type"]]
+    return problems
+
+
+def run_job(recipe: Recipe, model: str, out: Path, options: JobOptions, command: str = "",
+            on_layer=lambda r: None) -> dict:
+    """Convert, verify, evaluate and gate; the result as a dict (status ok, gate-failed or failed)."""
+    start = time.perf_counter()
+    result = {"model": model, "recipe": recipe.name, "output": str(out), "status": "failed"}
+    try:
+        summary = convert(recipe, model, out, options, overwrite=True, command=command, on_layer=on_layer)
+        result.update(conversion_seconds=summary["seconds"], source_bytes=summary["source_bytes"],
+                      output_bytes=summary["output_bytes"], peak_memory=summary.get("peak_memory"),
+                      imatrix_shared=summary.get("imatrix_shared"))
+        result.update(finish_job(recipe, model, out, options))
+    except QConvertError as exc:
+        result["error"] = str(exc)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def finish_job(recipe: Recipe, model: str, out: Path, options: JobOptions) -> dict:
+    """Verification, evaluation, gates and the report page of a written output."""
+    problems = verify(out, model)
+    if problems:
+        return {"status": "failed", "error": f"verification: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""), "verified": False}
+    done = {"verified": True, "status": "ok"}
+    if not (options.evaluate or recipe.gates.any):
+        return done
+    from qconvert.eval.run import score
+    from qconvert.report.build import build
+    from qconvert.report.data import record_evaluation
+
+    evaluation = score(str(out), model, options.eval_dataset, options.eval_samples, options.eval_seq_len,
+                       options.device)
+    record_evaluation(out, evaluation)
+    verdicts = recipe.gates.check(evaluation)
+    done.update(perplexity=evaluation["perplexity"], base_perplexity=evaluation["base_perplexity"],
+                kl_divergence=evaluation["kl_divergence"], top1_agreement=evaluation["top1_agreement"],
+                gates=verdicts, status="ok" if all(v["passed"] for v in verdicts) else "gate-failed")
+    if not all(math.isfinite(v["value"]) for v in verdicts):
+        done["status"] = "gate-failed"
+    page, _ = build(out, [], model, None, options.eval_dataset, options.eval_samples, options.eval_seq_len,
+                    options.device)
+    done["report"] = str(page)
+    return done

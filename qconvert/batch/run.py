@@ -1,0 +1,130 @@
+"""`qconvert batch`: every job of a manifest in its own process (a crash or a bad model stops one job,
+never the batch), results kept per job so `--resume` skips what is done and verified, and the reports
+CI systems read: JSON, JUnit XML and an HTML index of the jobs' report pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from qconvert.batch.jobs import verify
+from qconvert.batch.manifest import Job, Manifest
+from qconvert.output import write_json_atomically
+
+STATE = ".qconvert-batch"
+DONE = ("ok", "gate-failed")  # finished jobs; "failed" ones are always run again
+
+
+def _state_dir(manifest: Manifest) -> Path:
+    return manifest.output_dir / STATE
+
+
+def _result_file(manifest: Manifest, job: Job) -> Path:
+    return _state_dir(manifest) / f"{job.model_name}--{job.recipe.name}.json"
+
+
+def _resumable(manifest: Manifest, job: Job) -> dict | None:
+    """The stored result of a finished job whose output still verifies."""
+    file = _result_file(manifest, job)
+    if not file.is_file() or not job.output.exists():
+        return None
+    stored = json.loads(file.read_text())
+    if stored.get("status") not in DONE or verify(job.output, job.model):
+        return None
+    return {**stored, "resumed": True}
+
+
+def _clear_partials(out: Path) -> None:
+    """Staging folders an interrupted run left beside the output (never the output itself)."""
+    for stale in out.parent.glob(f".{out.name}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _command(manifest: Manifest, job: Job) -> list[str]:
+    ev = manifest.eval
+    return [sys.executable, "-m", "qconvert", "run", str(job.recipe_file), job.model, "-o", str(job.output),
+            "--json", "-q", "--device", manifest.device, "--imatrix-cache", str(_state_dir(manifest) / "imatrix"),
+            "--eval-dataset", str(ev.get("dataset", "heldout")), "--eval-samples", str(ev.get("samples", 40)),
+            "--eval-seq-len", str(ev.get("seq_len", 512))]
+
+
+def run_one(manifest: Manifest, job: Job, resume: bool) -> dict:
+    if resume and (done := _resumable(manifest, job)) is not None:
+        return done
+    _clear_partials(job.output)
+    proc = subprocess.run(_command(manifest, job), capture_output=True, text=True, env={**os.environ})
+    try:
+        result = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        result = {"model": job.model, "recipe": job.recipe.name, "output": str(job.output), "status": "failed",
+                  "error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    if result["status"] == "ok" and job.push_to_hub:
+        result["pushed_to"] = push(job)
+    write_json_atomically(_result_file(manifest, job), result)
+    return result
+
+
+def push(job: Job) -> str:
+    """Upload a verified output (its folder, or the GGUF file with its report) to the hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(job.push_to_hub, exist_ok=True)
+    if job.output.is_dir():
+        api.upload_folder(repo_id=job.push_to_hub, folder_path=str(job.output))
+    else:
+        for f in (job.output, job.output.parent / f"{job.output.name}.report.json"):
+            api.upload_file(path_or_fileobj=str(f), path_in_repo=f.name, repo_id=job.push_to_hub)
+    return job.push_to_hub
+
+
+def run_batch(manifest: Manifest, jobs: int = 1, resume: bool = False, on_result=lambda job, r: None) -> list[dict]:
+    _state_dir(manifest).mkdir(parents=True, exist_ok=True)
+
+    def one(job: Job) -> dict:
+        result = {"id": job.id, **run_one(manifest, job, resume)}
+        on_result(job, result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, manifest.jobs))
+
+
+def failed(results: list[dict]) -> bool:
+    return any(r["status"] != "ok" for r in results)
+
+
+def write_junit(results: list[dict], file: Path) -> None:
+    """One testcase per job: a gate breach is a failure, a job that did not finish an error."""
+    suite = ET.Element("testsuite", name="qconvert batch", tests=str(len(results)),
+                       failures=str(sum(r["status"] == "gate-failed" for r in results)),
+                       errors=str(sum(r["status"] == "failed" for r in results)),
+                       time=f"{sum(r.get('seconds', 0) for r in results):.3f}")
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=r["id"].split("/")[0], name=r["recipe"],
+                             time=f"{r.get('seconds', 0):.3f}")
+        if r["status"] == "gate-failed":
+            broken = [g for g in r.get("gates", []) if not g["passed"]]
+            ET.SubElement(case, "failure", message="; ".join(
+                f"{g['gate']}: {g['value']:.4g} > {g['limit']:g}" for g in broken) or "quality gate failed")
+        elif r["status"] == "failed":
+            ET.SubElement(case, "error", message=r.get("error", "failed"))
+        out = ET.SubElement(case, "system-out")
+        out.text = json.dumps({k: v for k, v in r.items() if k != "gates"}, indent=1)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(suite).write(file, encoding="utf-8", xml_declaration=True)
+
+
+def write_index(results: list[dict], manifest: Manifest) -> Path:
+    from qconvert.report.page import index_page
+
+    page = manifest.output_dir / "index.html"
+    page.write_text(index_page(results, manifest.output_dir))
+    return page
