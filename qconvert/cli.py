@@ -354,7 +354,10 @@ def run_recipe(
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per held-out window.")] = 512,
     imatrix_cache: Annotated[Optional[Path], typer.Option("--imatrix-cache", help="Folder where importance "
                              "matrices are shared between the GGUF recipes of a model.")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the output to this hub repo "
+                           "once it verified and passed its gates.")] = None,
     device: Device = "auto",
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
@@ -362,15 +365,20 @@ def run_recipe(
     Exit code 1 when a gate fails or the job does not finish."""
     from qconvert.batch.jobs import JobOptions, run_job
     from qconvert.batch.recipes import load
+    from qconvert.model.checkpoint import Checkpoint, resolve_model
+    from qconvert.output import check_output
     from qconvert.progress import layer_progress
 
-    from qconvert.model.checkpoint import Checkpoint, resolve_model
-
+    check_output(output, overwrite)
     rec = load(recipe)
     options = JobOptions(device, eval_dataset, eval_samples, eval_seq_len, imatrix_cache, evaluate)
     layers = Checkpoint(resolve_model(model)).config_dict.get("num_hidden_layers", 0)
     with layer_progress(layers, f"{rec.name} {model}", quiet) as on_layer:
-        result = run_job(rec, model, output, options, _command_line(ctx), on_layer)
+        result = run_job(rec, model, output, options, overwrite, _command_line(ctx), on_layer)
+    if result["status"] == "ok" and push_to_hub:
+        from qconvert.batch.run import push
+
+        result["pushed_to"] = push(output, push_to_hub)
     if json_out:
         stdout.print_json(json.dumps(result))
     else:

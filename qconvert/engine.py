@@ -355,7 +355,7 @@ class _BlockStep:
         observer = KVObserver() if self.kv_cache else None
         outputs = run_block(self.block, self.index, self.inputs, cache=observer and observer.cache())
         if observer is not None:
-            dtype = next(t.dtype for t in originals.values() if t.is_floating_point())
+            dtype = originals[f"{self.sets[0].names[0]}.weight"].dtype  # the checkpoint's weight dtype
             names = scale_names(self.arch.layers, self.index)
             for key, scale in observer.scales(dtype).items():
                 self.writer.add_tensor(self.arch.to_file(names[key]), scale)

@@ -124,13 +124,13 @@ def _verify_gguf(out: Path) -> list[str]:
     return problems
 
 
-def run_job(recipe: Recipe, model: str, out: Path, options: JobOptions, command: str = "",
+def run_job(recipe: Recipe, model: str, out: Path, options: JobOptions, overwrite: bool = False, command: str = "",
             on_layer=lambda r: None) -> dict:
     """Convert, verify, evaluate and gate; the result as a dict (status ok, gate-failed or failed)."""
     start = time.perf_counter()
     result = {"model": model, "recipe": recipe.name, "output": str(out), "status": "failed"}
     try:
-        summary = convert(recipe, model, out, options, overwrite=True, command=command, on_layer=on_layer)
+        summary = convert(recipe, model, out, options, overwrite, command, on_layer)
         result.update(conversion_seconds=summary["seconds"], source_bytes=summary["source_bytes"],
                       output_bytes=summary["output_bytes"], peak_memory=summary.get("peak_memory"),
                       imatrix_shared=summary.get("imatrix_shared"))

@@ -49,7 +49,8 @@ def _clear_partials(out: Path) -> None:
 def _command(manifest: Manifest, job: Job) -> list[str]:
     ev = manifest.eval
     return [sys.executable, "-m", "qconvert", "run", str(job.recipe_file), job.model, "-o", str(job.output),
-            "--json", "-q", "--device", manifest.device, "--imatrix-cache", str(_state_dir(manifest) / "imatrix"),
+            "--json", "-q", "--overwrite", "--device", manifest.device,
+            "--imatrix-cache", str(_state_dir(manifest) / "imatrix"),
             "--eval-dataset", str(ev.get("dataset", "heldout")), "--eval-samples", str(ev.get("samples", 40)),
             "--eval-seq-len", str(ev.get("seq_len", 512))]
 
@@ -66,23 +67,23 @@ def run_one(manifest: Manifest, job: Job, resume: bool) -> dict:
         result = {"model": job.model, "recipe": job.recipe.name, "output": str(job.output), "status": "failed",
                   "error": lines[-1] if lines else f"exit code {proc.returncode}"}
     if result["status"] == "ok" and job.push_to_hub:
-        result["pushed_to"] = push(job)
+        result["pushed_to"] = push(job.output, job.push_to_hub)
     write_json_atomically(_result_file(manifest, job), result)
     return result
 
 
-def push(job: Job) -> str:
-    """Upload a verified output (its folder, or the GGUF file with its report) to the hub."""
+def push(output: Path, repo: str) -> str:
+    """Upload a verified output (its folder with the model card, or the GGUF file with its report)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(job.push_to_hub, exist_ok=True)
-    if job.output.is_dir():
-        api.upload_folder(repo_id=job.push_to_hub, folder_path=str(job.output))
+    api.create_repo(repo, exist_ok=True)
+    if output.is_dir():
+        api.upload_folder(repo_id=repo, folder_path=str(output))
     else:
-        for f in (job.output, job.output.parent / f"{job.output.name}.report.json"):
-            api.upload_file(path_or_fileobj=str(f), path_in_repo=f.name, repo_id=job.push_to_hub)
-    return job.push_to_hub
+        for f in (output, output.parent / f"{output.name}.report.json"):
+            api.upload_file(path_or_fileobj=str(f), path_in_repo=f.name, repo_id=repo)
+    return repo
 
 
 def run_batch(manifest: Manifest, jobs: int = 1, resume: bool = False, on_result=lambda job, r: None) -> list[dict]:
