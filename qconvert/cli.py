@@ -38,7 +38,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable sum
 Dataset = Annotated[str, typer.Option("--dataset", help="Calibration text: bundled set name, .txt/.jsonl/.parquet "
                                      "file, hf:NAME[:CONFIG][:SPLIT], or a .pt tensor of token ids [windows, seq_len].")]
 Format = Annotated[str, typer.Option("--format", help="Output layout: gptq, compressed-tensors or marlin (4-bit "
-                                     "symmetric, group 128 or -1, no act-order g_idx).")]
+                                     "symmetric, group 128 or -1, no act-order g_idx); a,b writes both from one pass.")]
 KVCache = Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: calibrate per-tensor FP8 key and value "
                                                "scales for the KV cache (compressed-tensors or fp8 layouts).")]
 
@@ -48,6 +48,12 @@ def _calibration(dataset: str | None, samples: int, seq_len: int, seed: int, nee
     from qconvert.pipeline import Calibration
 
     return Calibration(dataset or "mixed", samples, seq_len, seed) if needed else None
+
+
+def _layouts(fmt: str) -> dict:
+    """--format a,b: one pass written in both layouts (OUTPUT/a, OUTPUT/b)."""
+    first, *more = [f.strip() for f in fmt.split(",") if f.strip()] or [fmt]
+    return {"format": first, "more_formats": tuple(more)}
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -96,8 +102,8 @@ def rtn(
     config = RTNConfig(bits=w_bit, group_size=group, symmetric=sym)
     out = output or _default_output(model, f"rtn-w{w_bit}g{group}")
     calibration = _calibration(dataset, samples, seq_len, seed, dataset is not None or kv is not None)
-    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx), format=fmt,
-                     kv_cache=kv), quiet, json_out)
+    _convert(Request(model, out, "rtn", config, calibration, device, overwrite, _command_line(ctx), kv_cache=kv,
+                     **_layouts(fmt)), quiet, json_out)
 
 
 @app.command()
@@ -135,7 +141,7 @@ def gptq(
     config = GPTQConfig(w_bit, group, sym, act_order, static_groups, damp, block_size, true_sequential)
     out = output or _default_output(model, f"gptq-w{w_bit}g{group}")
     request = Request(model, out, "gptq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
-                      _command_line(ctx), format=fmt, kv_cache=kv)
+                      _command_line(ctx), kv_cache=kv, **_layouts(fmt))
     _convert(request, quiet, json_out)
 
 
@@ -150,7 +156,7 @@ def awq(
     scale_search: Annotated[str, typer.Option("--scale-search", help="duo (activations and weights), activation, or both.")] = "duo",
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search a per-group weight range clip after scaling.")] = True,
     fmt: Annotated[str, typer.Option("--format", help="Output layout: awq (AutoAWQ GEMM), compressed-tensors or "
-                                     "marlin (with --no-zero-point, group 128 or -1).")] = "awq",
+                                     "marlin (with --no-zero-point, group 128 or -1); awq,compressed-tensors writes both from one pass.")] = "awq",
     dataset: Dataset = "mixed",
     samples: Samples = 128,
     seq_len: SeqLen = 512,
@@ -168,7 +174,7 @@ def awq(
     config = AWQConfig(w_bit, group, zero_point, scale_search, clip=clip)
     out = output or _default_output(model, f"awq-w{w_bit}g{group}")
     request = Request(model, out, "awq", config, Calibration(dataset, samples, seq_len, seed), device, overwrite,
-                      _command_line(ctx), format=fmt, kv_cache=kv)
+                      _command_line(ctx), kv_cache=kv, **_layouts(fmt))
     _convert(request, quiet, json_out)
 
 
@@ -199,8 +205,8 @@ def fp8(
     config = FP8Config(scheme)
     out = output or _default_output(model, f"fp8-{scheme}")
     calibration = _calibration(dataset, samples, seq_len, seed, config.calibrated or kv is not None)
-    request = Request(model, out, "fp8", config, calibration, device, overwrite, _command_line(ctx), format=fmt,
-                      kv_cache=kv)
+    request = Request(model, out, "fp8", config, calibration, device, overwrite, _command_line(ctx), kv_cache=kv,
+                      **_layouts(fmt))
     _convert(request, quiet, json_out)
 
 
@@ -336,8 +342,8 @@ def recipes(json_out: Json = False):
         table.add_column(col)
     for r in found:
         gates = ", ".join(f"{k} {v:g}" for k, v in asdict(r.gates).items() if v is not None)
-        table.add_row(r.name, r.method, r.format or ("gguf " + r.params["type"] if r.method == "gguf" else "default"),
-                      gates, r.description)
+        layout = ",".join(r.format) or (f"gguf {r.params['type']}" if r.method == "gguf" else "default")
+        table.add_row(r.name, r.method, layout, gates, r.description)
     stdout.print(table)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from qconvert.algorithms import Algorithm, InputSet, algorithm_for
 from qconvert.errors import QConvertError
+from qconvert.formats.fanout import scale_dtypes
 from qconvert.kv_cache import KVObserver, scale_names
 from qconvert.model.architectures import Architecture
 from qconvert.model.blocks import (
@@ -320,17 +321,21 @@ class _BlockStep:
         return stats
 
     def _quantize(self, s: InputSet, stats, originals) -> None:
-        """Quantize one input set, write it, and put its dequantized weights back into the block."""
-        scale_dtype = getattr(self.writer, "scale_dtype", None) or originals[f"{s.names[0]}.weight"].dtype
+        """Quantize one input set, write it, and put its dequantized weights back into the block (those
+        of the first writer, when one pass is written in several layouts)."""
+        writers = getattr(self.writer, "writers", [self.writer])
+        dtypes = scale_dtypes(writers, originals[f"{s.names[0]}.weight"].dtype)
         start = time.perf_counter()
-        results = self.algorithm.quantize(s, stats, scale_dtype)
-        seconds = (time.perf_counter() - start) / len(s.names)
+        results = {d: self.algorithm.quantize(s, stats, d) for d in dict.fromkeys(dtypes)}
+        seconds = (time.perf_counter() - start) / len(s.names) / len(results)
         sample = self.samples.get(s.key)
-        for name, lin, qt in zip(s.names, s.linears, results):
+        for i, (name, lin) in enumerate(zip(s.names, s.linears)):
+            for w, d in zip(writers, dtypes):
+                w.add_quantized(self.arch.to_file(f"{self.prefix}{name}.weight"), results[d][i])
+            qt = results[dtypes[0]][i]
             tokens_seen = None if self.seen is None else self.seen[name].tokens
             if tokens_seen == 0:
                 self.report.uncalibrated.append(name)
-            self.writer.add_quantized(self.arch.to_file(f"{self.prefix}{name}.weight"), qt)
             dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
             self.report.linears[name] = LinearReport(
                 _relative_error(dq, lin.weight), tokens_seen, sample and sample.output_error(lin.weight, dq),

@@ -16,6 +16,7 @@ from qconvert.calibration.tokens import calibration_windows, saved_windows
 from qconvert.engine import EngineOptions, LayerReport, convert
 from qconvert.errors import QConvertError
 from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
+from qconvert.formats.fanout import FanOut
 from qconvert.formats.shards import DEFAULT_SHARD_BYTES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
@@ -44,6 +45,14 @@ class Request:
     batch_size: int = 8
     format: str = "compressed-tensors"
     kv_cache: str | None = None  # "fp8": calibrated per-tensor k/v scales
+    more_formats: tuple[str, ...] = ()  # further layouts written from the same pass, each in OUTPUT/<format>
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return (self.format, *self.more_formats)
+
+    def as_format(self, fmt: str, output: Path) -> "Request":
+        return replace(self, format=fmt, more_formats=(), output=output)
 
 
 def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
@@ -177,15 +186,40 @@ def calibration_tokens(model_dir: Path, cal: Calibration) -> torch.Tensor:
     return calibration_windows(load_texts(cal.dataset, tokenizer), tokenizer, cal.samples, cal.seq_len, cal.seed)
 
 
+def check_formats(request: Request) -> object:
+    """The config every requested layout takes (one pass writes them all, so they must agree)."""
+    if len(set(request.formats)) != len(request.formats):
+        raise QConvertError(f"--format {','.join(request.formats)}: a layout is named twice")
+    configs = [check_format(request.method, f, request.config) for f in request.formats]
+    if any(c != configs[0] for c in configs[1:]):
+        raise QConvertError(f"--format {','.join(request.formats)}: these layouts store the weights differently "
+                            "(e.g. GPTQ v1's zero point - 1); convert them separately")
+    for f in request.formats:
+        check_kv_cache(request.as_format(f, request.output))
+    return configs[0]
+
+
+def _check_repeatable(request: Request, arch, writers: list, default_dtype) -> None:
+    """Layouts with different scale dtypes need one quantize() call each, which GPTQ cannot repeat."""
+    from qconvert.algorithms import algorithm_for
+    from qconvert.formats.fanout import scale_dtypes
+
+    dtypes = set(scale_dtypes(writers, default_dtype))
+    if len(dtypes) > 1 and not algorithm_for(request.config, arch).repeatable:
+        raise QConvertError(f"--format {','.join(request.formats)}: these layouts store scales in different dtypes "
+                            f"({', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}) and {request.method} "
+                            "quantizes once; convert them separately")
+
+
 def run(request: Request, on_layer=lambda r: None) -> dict:
-    """Convert request.model into request.output; returns the summary that report.json holds."""
+    """Convert request.model into request.output (one folder per layout under it when several are asked
+    for); returns the summary that report.json holds (the first layout's)."""
     start = time.perf_counter()
-    config = check_format(request.method, request.format, request.config)
-    check_kv_cache(request)
+    config = check_formats(request)
     source = resolve_model(request.model)
     ckpt = Checkpoint(source)
     arch = architecture_for(ckpt.model_type)
-    if request.format == "marlin":  # the kernel's shape limits, named per layer before anything is written
+    if "marlin" in request.formats:  # the kernel's shape limits, named per layer before anything is written
         marlin.check_shapes(ckpt, arch)
     if request.method == "fp8" and config.scheme == "block":
         check_block_shapes(ckpt, arch)
@@ -196,17 +230,43 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
     options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size,
                             kv_cache=request.kv_cache is not None)
     with staged_output(request.output, request.overwrite, source) as stage:
-        writer, finish = _writer(request, arch, stage)
+        several = len(request.formats) > 1
+        parts = [(request.as_format(f, request.output / f if several else request.output), stage / f if several
+                  else stage) for f in request.formats]
+        writers = []
+        for part, folder in parts:
+            folder.mkdir(exist_ok=True)
+            writers.append(_writer(part, arch, folder))
+        if several:
+            _check_repeatable(request, arch, [w for w, _ in writers], _weight_dtype(ckpt, arch))
+        writer = FanOut([w for w, _ in writers]) if several else writers[0][0]
         layers = convert(ckpt, arch, config, writer, tokens, options, on_layer)
-        qc = finish()
-        if request.kv_cache is not None and qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
-            qc["kv_cache_scheme"] = dict(kv_cache.SCHEME)
-        write_config(ckpt.config_dict, stage, qc)
-        copy_aux_files(source, stage)
-        summary = _summary(request, ckpt, layers, stage, time.perf_counter() - start)
-        summary["peak_memory"] = peak_memory(device)
-        (stage / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_model_card(stage, request.output.name, request.model, _card_facts(summary), request.command)
+        summaries = [_finish_layout(part, folder, finish, ckpt, source, layers, start, device)
+                     for (part, folder), (_, finish) in zip(parts, writers)]
+    return summaries[0]
+
+
+_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _weight_dtype(ckpt: Checkpoint, arch) -> torch.dtype:
+    """The dtype the engine rounds scales to for a writer without its own: the weights' (from a header)."""
+    name = next(iter(arch.quantized_weights(ckpt)))[0]
+    stored = ckpt.dtype(name)
+    return _STORED.get(stored) or getattr(torch, str(stored).removeprefix("torch."))
+
+
+def _finish_layout(request: Request, folder: Path, finish, ckpt, source, layers, start, device) -> dict:
+    """Close one layout's writer and give its folder config.json, tokenizer files, report.json and model card."""
+    qc = finish()
+    if request.kv_cache is not None and qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
+        qc["kv_cache_scheme"] = dict(kv_cache.SCHEME)
+    write_config(ckpt.config_dict, folder, qc)
+    copy_aux_files(source, folder)
+    summary = _summary(request, ckpt, layers, folder, time.perf_counter() - start)
+    summary["peak_memory"] = peak_memory(device)
+    (folder / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(folder, request.output.name, request.model, _card_facts(summary), request.command)
     return summary
 
 

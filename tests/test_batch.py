@@ -115,7 +115,7 @@ def test_resume_after_kill(model, qconvert, tmp_path):
     assert not list((tmp_path / "out").rglob("*.partial"))  # the killed job's staging folder is gone
 
 
-def test_imatrix_is_computed_once_per_model(model, qconvert, tmp_path, record_property):
+def test_imatrix_is_computed_once_per_model(model, qconvert, tmp_path, record_property, capsys):
     """Two imatrix GGUF recipes of one model share one calibration pass; timed against running each alone."""
     (tmp_path / "tiny").symlink_to(model)
     for t in ("Q4_K_M", "Q5_K_M"):
@@ -136,8 +136,9 @@ def test_imatrix_is_computed_once_per_model(model, qconvert, tmp_path, record_pr
                             *cache, "-q").code == 0
         seconds[mode] = time.perf_counter() - start
         record_property(f"imatrix_{mode}_seconds", round(seconds[mode], 2))
-    print(f"two imatrix GGUF recipes: {seconds['shared']:.1f} s sharing one imatrix, "
-          f"{seconds['separate']:.1f} s each computing its own")
+    with capsys.disabled():
+        print(f"\ntwo imatrix GGUF recipes: {seconds['shared']:.1f} s sharing one imatrix, "
+              f"{seconds['separate']:.1f} s each computing its own")
 
 
 def test_push_to_hub_uploads_verified_outputs(model, qconvert, tmp_path, monkeypatch):

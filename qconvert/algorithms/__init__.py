@@ -37,6 +37,7 @@ class Algorithm:
     """The defaults: no calibration statistics, no block rewrite, every linear quantized alone."""
 
     sequential = False  # re-collect statistics for each group after quantizing the groups before it
+    repeatable = True  # quantize() may run again on the same statistics (once per output layout)
 
     def __init__(self, config, arch):
         self.config = config

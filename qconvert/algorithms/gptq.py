@@ -226,6 +226,8 @@ def _take_hessian(stats: Hessian | None, weight: torch.Tensor) -> torch.Tensor:
 
 @register(GPTQConfig)
 class GPTQ(Algorithm):
+    repeatable = False  # quantize() takes its Hessian (freeing it is what keeps the peak low)
+
     def __init__(self, config: GPTQConfig, arch):
         super().__init__(config, arch)
         self.sequential = config.true_sequential

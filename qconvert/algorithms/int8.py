@@ -58,6 +58,7 @@ class INT8(Algorithm):
             raise QConvertError(f"SmoothQuant: no scale groups are known for architecture '{arch.name}'")
         self.weights = algorithm_for(config.rounding, arch)
         self.sequential = self.weights.sequential
+        self.repeatable = self.weights.repeatable
         self.groups = []
 
     def observe(self, block, sets):

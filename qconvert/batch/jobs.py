@@ -41,9 +41,15 @@ def convert(recipe: Recipe, model: str, out: Path, options: JobOptions, overwrit
         return _convert_gguf(recipe, model, out, calibration, options, overwrite, command, on_layer)
     from qconvert.pipeline import FORMATS, Request, run
 
+    first, *more = recipe.format or FORMATS[recipe.method][:1]
     request = Request(model, out, recipe.method, recipe.config(), calibration, options.device, overwrite, command,
-                      format=recipe.format or FORMATS[recipe.method][0], kv_cache=recipe.kv_cache)
+                      format=first, more_formats=tuple(more), kv_cache=recipe.kv_cache)
     return run(request, on_layer)
+
+
+def layout_folders(recipe: Recipe, out: Path) -> list[Path]:
+    """Where each layout of a job's output is: OUT itself, or OUT/<format> when there are several."""
+    return [out / f for f in recipe.format] if len(recipe.format) > 1 else [out]
 
 
 def _convert_gguf(recipe, model, out, calibration, options, overwrite, command, on_layer) -> dict:
@@ -79,7 +85,12 @@ def _replace(request, **changes):
 
 
 def verify(out: Path, model: str) -> list[str]:
-    """What is wrong with the written output, read back through qconvert's readers (empty: nothing)."""
+    """What is wrong with the written output, read back through qconvert's readers (empty: nothing); a
+    folder of layouts (OUT/<format>/config.json) is checked layout by layout."""
+    if out.is_dir() and not (out / "config.json").exists():
+        layouts = sorted(p for p in out.iterdir() if (p / "config.json").is_file())
+        if layouts:
+            return [problem for layout in layouts for problem in verify(layout, model)]
     try:
         return _verify_gguf(out) if out.is_file() else _verify_checkpoint(out, model)
     except QConvertError as exc:
@@ -142,8 +153,9 @@ def run_job(recipe: Recipe, model: str, out: Path, options: JobOptions, overwrit
 
 
 def finish_job(recipe: Recipe, model: str, out: Path, options: JobOptions) -> dict:
-    """Verification, evaluation, gates and the report page of a written output."""
+    """Verification, evaluation, gates and the report page of a written output (scored on its first layout)."""
     problems = verify(out, model)
+    out = layout_folders(recipe, out)[0]
     if problems:
         return {"status": "failed", "error": f"verification: {problems[0]}"
                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""), "verified": False}

@@ -5,7 +5,8 @@
     method: gptq                      # rtn, gptq, awq, fp8, int8 or gguf
     params: {bits: 4, group_size: 128} # the method's settings (its config's fields; gguf: type, imatrix)
     calibration: {dataset: mixed, samples: 128, seq_len: 512, seed: 0}
-    format: gptq                      # the method's output layouts (default: its first)
+    format: gptq                      # the method's output layout (default: its first); a list writes
+                                      # several from one pass, each in OUT/<format>
     kv_cache: fp8                     # optional
     gates: {max_ppl_increase_pct: 30, max_kl: 0.3}
 """
@@ -48,7 +49,7 @@ class Recipe:
     name: str
     method: str
     params: dict
-    format: str | None = None
+    format: tuple[str, ...] = ()  # empty: the method's default layout
     calibration: Calibration | None = None
     kv_cache: str | None = None
     gates: Gates = field(default_factory=Gates)
@@ -121,8 +122,10 @@ def parse(data, where: str) -> Recipe:
     fmt = data.get("format")
     if method == "gguf" and fmt is not None:
         raise QConvertError(f"{where}: format: gguf recipes write a .gguf file, leave format out")
-    if method != "gguf" and fmt is not None and fmt not in FORMATS[method]:
-        raise QConvertError(f"{where}: format '{fmt}' is not one of {', '.join(FORMATS[method])} (for {method})")
+    fmt = tuple(fmt) if isinstance(fmt, list) else (fmt,) if fmt is not None else ()
+    for f in fmt:
+        if f not in FORMATS[method]:
+            raise QConvertError(f"{where}: format '{f}' is not one of {', '.join(FORMATS[method])} (for {method})")
     cal = data.get("calibration")
     if cal is not None:
         cal = _mapping(cal, f"{where}: calibration")
