@@ -6,7 +6,7 @@ and W8A8 (qconvert fp8 in its three schemes, with an FP8 KV cache, int8 with and
 
 Every run sees the same calibration tokens (qconvert's `--dataset mixed --samples 128 --seq-len 512 --seed 0`,
 saved to WORK/ids-MODEL.pt and fed to the peer) and is scored by qconvert's own evaluation code on the same
-40 x 512 held-out windows against the bf16 base. Conversions and scores are cached in WORK (an output dir with
+40 x 512 held-out windows (--windows) against the bf16 base. Conversions and scores are cached in WORK (an output dir with
 config.json is not rebuilt; a score in WORK/results.json is not recomputed), so a rerun only does what is
 missing; a qconvert command that does not exist yet is marked "not available" and retried next time.
 The peer venv: see scripts/peer_llmcompressor.py. Logs of each conversion: WORK/logs/.
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per conversion")
     p.add_argument("--device", default="cpu", help="where the evaluation runs (conversions pick the GPU themselves)")
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--windows", type=int, default=40, help="held-out windows of 512 tokens (scores are kept per WORK, "
+                   "so use one WORK per window count)")
     a = p.parse_args()
 
     from qconvert.calibration.datasets import load_texts
@@ -134,7 +136,7 @@ def main() -> None:
             if (run == "base" or row["status"] == "ok") and "perplexity" not in row:
                 if base is None:
                     base, tokenizer = load_model(str(model_dir), dtype, cpu)
-                    windows = evaluation_windows(load_texts("heldout", tokenizer), tokenizer, 40, 512)
+                    windows = evaluation_windows(load_texts("heldout", tokenizer), tokenizer, a.windows, 512)
                 start = time.perf_counter()
                 if run == "base":
                     score = evaluate(base, windows)

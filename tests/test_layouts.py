@@ -47,6 +47,8 @@ def test_awq_in_two_layouts(tiny, qconvert, tmp_path, capsys, record_property):
         assert report["format"] == fmt and report["output"].endswith(f"both/{fmt}")
         res = qconvert("eval", tmp_path / "both" / fmt, "--base", model, "--samples", "2", "--seq-len", "32", "--json")
         assert res.code == 0 and res.json()["kl_divergence"] < 0.1
+    res = qconvert("report", tmp_path / "both")
+    assert res.code != 0 and "one output per layout" in res.err
 
 
 def test_gptq_shares_one_pass_only_where_the_scales_agree(tiny, qconvert, tmp_path):

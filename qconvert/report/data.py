@@ -24,6 +24,10 @@ def report_file(output: Path) -> Path:
 def load(output: Path) -> dict:
     path = report_file(output)
     if not path.is_file():
+        layouts = sorted(p.parent.name for p in output.glob("*/report.json")) if output.is_dir() else []
+        if layouts:
+            raise QConvertError(f"{output} holds one output per layout: pass one of "
+                                f"{', '.join(str(output / name) for name in layouts)}")
         raise QConvertError(f"{output}: no {path.name} found (every qconvert conversion writes one)")
     try:
         report = json.loads(path.read_text())
