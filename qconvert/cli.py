@@ -236,7 +236,7 @@ def int8(
     config = INT8Config(smoothquant, use_gptq, damp)
     out = output or _default_output(model, "int8" + (f"-sq{smoothquant:g}" if smoothquant is not None else "")
                                     + ("-gptq" if use_gptq else ""))
-    calibration = _calibration(dataset, samples, seq_len, seed, smoothquant is not None or use_gptq or kv is not None)
+    calibration = _calibration(dataset, samples, seq_len, seed, config.calibrated or kv is not None)
     _convert(Request(model, out, "int8", config, calibration, device, overwrite, _command_line(ctx), kv_cache=kv),
              quiet, json_out)
 

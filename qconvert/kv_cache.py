@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qconvert.algorithms.fp8 import to_fp8
 from qconvert.quantized import FP8_MAX
 
 CHOICES = ("fp8",)
@@ -69,7 +70,7 @@ def _scale_up(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def round_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x as the cache holds it: x / scale saturated to ±448, rounded to e4m3, times scale."""
     s = scale.float().to(x.device)
-    return ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+    return (to_fp8(x, s).float() * s).to(x.dtype)
 
 
 def add_kv_rounding(layers: nn.ModuleList, scales: dict[int, dict[str, torch.Tensor]]) -> None:

@@ -48,6 +48,8 @@ class AWQConfig:
         if self.scale_search not in SCALE_SEARCHES:
             raise QConvertError(f"--scale-search {self.scale_search}: choose from {', '.join(SCALE_SEARCHES)}")
 
+    calibrated = True  # needs calibration data (its activation statistics and search)
+
     @property
     def rounding(self) -> RTNConfig:
         return RTNConfig(self.bits, self.group_size, symmetric=not self.zero_point)

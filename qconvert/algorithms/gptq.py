@@ -45,6 +45,8 @@ class GPTQConfig:
         if self.block_size < 1:
             raise QConvertError(f"--block-size {self.block_size}: must be positive")
 
+    calibrated = True  # needs calibration data (its Hessians)
+
 
 class Hessian:
     """Running H = 2/n Σ x xᵀ over every token the linear reads, in float32."""

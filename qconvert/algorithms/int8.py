@@ -36,6 +36,11 @@ class INT8Config:
             raise QConvertError(f"--smoothquant {self.smoothquant}: α must be between 0 and 1")
 
     @property
+    def calibrated(self) -> bool:
+        """Needs calibration data: SmoothQuant's activation ranges, or GPTQ's Hessians."""
+        return self.smoothquant is not None or self.gptq
+
+    @property
     def rounding(self):
         """The weight quantizer: per-channel symmetric int8 (act-order GPTQ needs no g_idx per channel)."""
         if self.gptq:

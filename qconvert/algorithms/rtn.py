@@ -27,6 +27,8 @@ class RTNConfig:
     def __post_init__(self):
         check_bits_and_group(self.bits, self.group_size, BITS)
 
+    calibrated = False  # needs calibration data (RTN only measures errors on it when given)
+
 
 def check_bits_and_group(bits: int, group_size: int, allowed_bits: tuple[int, ...]) -> None:
     """The --w-bit / --group checks every algorithm's config makes."""

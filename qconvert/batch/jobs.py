@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from qconvert.batch.recipes import Recipe
@@ -27,11 +27,9 @@ class JobOptions:
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    p = recipe.params
-    return (recipe.method in ("gptq", "awq") or recipe.kv_cache is not None
-            or (recipe.method == "fp8" and p.get("scheme") == "static")
-            or (recipe.method == "int8" and (p.get("smoothquant") is not None or p.get("gptq", False)))
-            or (recipe.method == "gguf" and p.get("imatrix", False)))
+    if recipe.method == "gguf":
+        return recipe.params.get("imatrix", False)
+    return recipe.config().calibrated or recipe.kv_cache is not None
 
 
 def convert(recipe: Recipe, model: str, out: Path, options: JobOptions, overwrite: bool, command: str,
@@ -69,19 +67,13 @@ def _convert_gguf(recipe, model, out, calibration, options, overwrite, command, 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cached.is_file():
             partial = cached.with_suffix(".partial")
-            summary = run(_replace(base, save_imatrix=partial), on_layer)
+            summary = run(replace(base, save_imatrix=partial), on_layer)
             partial.rename(cached)
             summary["imatrix_shared"] = "computed"
             return summary
-    summary = run(_replace(base, imatrix=False, imatrix_file=cached), on_layer)
+    summary = run(replace(base, imatrix=False, imatrix_file=cached), on_layer)
     summary["imatrix_shared"] = "reused"
     return summary
-
-
-def _replace(request, **changes):
-    from dataclasses import replace
-
-    return replace(request, **changes)
 
 
 def verify(out: Path, model: str) -> list[str]:

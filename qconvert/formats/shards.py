@@ -27,6 +27,7 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}  # safetensors dtype name -> torch dtype
 
 
 def _copy(src, dst, start: int, size: int) -> None:

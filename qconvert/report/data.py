@@ -137,12 +137,11 @@ def size_rows(report: dict, output: Path) -> list[SizeRow]:
     return sorted(rows.values(), key=lambda r: -sum(r.bytes_by_type.values()))
 
 
-_ELEMENT_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
-                  "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 _CODES = ("weight_packed", "qweight", "B")  # the tensor holding a packed module's codes
 
 
 def _safetensors_rows(output: Path) -> dict[str, SizeRow]:
+    from qconvert.formats.shards import TORCH_DTYPES
     from qconvert.inspect import quantized_modules
     from qconvert.model.checkpoint import Checkpoint
 
@@ -158,6 +157,7 @@ def _safetensors_rows(output: Path) -> dict[str, SizeRow]:
             storage, weights = ckpt.dtype(name).lower(), numel if suffix in ("weight", "bias") else 0
         kind = _kind(module) if module else name
         row = rows.setdefault(kind, SizeRow(kind, defaultdict(int), 0))
-        row.bytes_by_type[storage] += numel * _ELEMENT_BYTES.get(ckpt.dtype(name), 4)
+        dtype = TORCH_DTYPES.get(ckpt.dtype(name))
+        row.bytes_by_type[storage] += numel * (dtype.itemsize if dtype is not None else 4)
         row.weights += weights
     return rows
