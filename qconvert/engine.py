@@ -207,8 +207,7 @@ def convert(
         # tokens (the model's kernels and the algorithm's in two threads: each takes about a second);
         # the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
         # meanwhile, and each block is read while the one before it computes
-        outside = pool.submit(_write_outside_blocks, ckpt, arch, writer)
-        background = [outside]
+        background = [pool.submit(_write_outside_blocks, ckpt, arch, writer, _reserve_outside_blocks(ckpt, arch, writer))]
         if on_gpu and tokens is not None:
             background += [pool.submit(_warm_up, options), pool.submit(algorithm.warm_up, options.device)]
         upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu)
@@ -224,8 +223,6 @@ def convert(
                 upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
             originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
             del stored
-            if index == 0:  # the tensors outside the blocks come first in the files: the same bytes every run
-                outside.result()
             report = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache).run(originals)
             unload_block(block)
             report.seconds = time.perf_counter() - start
@@ -249,11 +246,18 @@ def _warm_up(options: EngineOptions) -> None:
     torch.nn.functional.linear(x, x)
 
 
-def _write_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer) -> None:
-    layer_prefix = f"{arch.layers}."
-    for name in sorted(ckpt.names()):  # whatever order the checkpoint's files list them in
-        if not name.startswith(layer_prefix):
-            writer.add_tensor(name, ckpt.get(name))
+def _reserve_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer) -> list[str]:
+    """Place the tensors outside the blocks first in the output, in sorted order, from their headers: the
+    files are the same bytes every run, whenever the background thread gets to read them."""
+    names = sorted(n for n in ckpt.names() if not n.startswith(f"{arch.layers}."))
+    for name in names:
+        writer.reserve_tensor(name, ckpt.torch_dtype(name), ckpt.shape(name))
+    return names
+
+
+def _write_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer, names: list[str]) -> None:
+    for name in names:
+        writer.add_tensor(name, ckpt.get(name))
 
 
 def bits_and_group(qt) -> tuple[int, str]:

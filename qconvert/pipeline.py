@@ -17,7 +17,7 @@ from qconvert.engine import EngineOptions, LayerReport, convert
 from qconvert.errors import QConvertError
 from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
 from qconvert.formats.fanout import FanOut
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, TORCH_DTYPES
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.output import copy_aux_files, staged_output, write_config, write_model_card
@@ -248,9 +248,7 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
 
 def _weight_dtype(ckpt: Checkpoint, arch) -> torch.dtype:
     """The dtype the engine rounds scales to for a writer without its own: the weights' (from a header)."""
-    name = next(iter(arch.quantized_weights(ckpt)))[0]
-    stored = ckpt.dtype(name)  # a safetensors name, or torch's for .bin
-    return TORCH_DTYPES.get(stored) or getattr(torch, str(stored).removeprefix("torch."))
+    return ckpt.torch_dtype(next(iter(arch.quantized_weights(ckpt)))[0])
 
 
 def _finish_layout(request: Request, folder: Path, finish, ckpt, source, layers, start, device) -> dict:

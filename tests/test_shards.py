@@ -78,3 +78,49 @@ def test_adds_from_several_threads(tmp_path):
     for part in parts:
         for name, t in part.items():
             assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], t)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_reserved_tensors_keep_their_place_whenever_their_data_comes(tmp_path):
+    """Tensors reserved from their headers come first in the files, however late (and from whichever thread)
+    their bytes arrive, even across a shard boundary: two such runs give the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    early = {f"outside.{i}": torch.full((300,), i, dtype=torch.int32) for i in range(4)}
+    blocks = {f"block.{i}": torch.full((200 + i,), -i, dtype=torch.int32) for i in range(6)}
+
+    def run(folder, late: bool):
+        folder.mkdir()
+        writer = ShardWriter(folder, max_shard_bytes=3000)
+        for name, t in early.items():
+            writer.reserve(name, t.dtype, t.shape)
+        with ThreadPoolExecutor(1) as pool:
+            job = None if late else pool.submit(lambda: [writer.add(n, t) for n, t in early.items()])
+            for name, t in blocks.items():
+                writer.add(name, t)
+            job = job or pool.submit(lambda: [writer.add(n, t) for n, t in reversed(early.items())])
+            job.result()
+        writer.finish()
+        return folder
+
+    first, second = run(tmp_path / "a", late=False), run(tmp_path / "b", late=True)
+    assert _files(first) == _files(second)
+    index = json.loads((first / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    for name, t in {**early, **blocks}.items():
+        assert torch.equal(load_file(first / index["weight_map"][name])[name], t)
+
+
+def test_a_reserved_tensor_must_come_as_reserved(tmp_path):
+    import pytest
+
+    writer = ShardWriter(tmp_path)
+    writer.reserve("x", torch.bfloat16, (4, 2))
+    with pytest.raises(ValueError, match="reserved as BF16"):
+        writer.add("x", torch.zeros(4, 2))
+    writer.reserve("y", torch.int32, (3,))
+    with pytest.raises(ValueError, match="never written: x, y"):
+        writer.finish()

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from qconvert.formats.bitpack import pack_bits, unpack_bits
-from qconvert.formats.casting import cast_float, cast_scale
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
+from qconvert.formats.casting import cast_scale
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, PlainTensors, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
 
@@ -64,7 +64,7 @@ def quantization_config(group_size: int, zero_point: bool, modules_to_not_conver
     }
 
 
-class Writer:
+class Writer(PlainTensors):
     """Streams a model's tensors into AWQ GEMM safetensors shards.
 
     zero_point: False refuses asymmetric tensors and declares the checkpoint symmetric. Symmetric tensors
@@ -86,8 +86,6 @@ class Writer:
         self.shards = ShardWriter(out_dir, max_shard_bytes)
         self.group_size, self.zero_point, self.dtype = group_size, zero_point, dtype
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.shards.add(name, cast_float(name, tensor, self.dtype))
 
     def add_quantized(self, name: str, qt: QuantizedTensor) -> None:
         module = name.removesuffix(".weight")

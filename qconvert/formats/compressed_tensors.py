@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from qconvert.formats.bitpack import pack_bits, unpack_bits
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, PlainTensors, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import FP8Tensor, QuantizedTensor
 
@@ -82,15 +82,13 @@ def quantization_config(schemes: dict[str, dict], ignore: list[str], fmt: str = 
     }
 
 
-class Writer:
+class Writer(PlainTensors):
     """Streams a model's tensors into compressed-tensors pack-quantized safetensors shards."""
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.shards = ShardWriter(out_dir, max_shard_bytes)
         self.schemes: dict[str, dict] = {}
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.shards.add(name, tensor)
 
     def add_quantized(self, name: str, qt: QuantizedTensor) -> None:
         module = name.removesuffix(".weight")
@@ -194,7 +192,7 @@ def dense_scheme(qt: QuantizedTensor | FP8Tensor) -> dict:
     return {"weights": _args("float", "channel", False), "input_activations": _args("float", "token", True, observer=None)}
 
 
-class DenseWriter:
+class DenseWriter(PlainTensors):
     """Streams a model into compressed-tensors int-quantized (int8 codes) or float-quantized (FP8)."""
 
     scale_dtype = None  # the model's own dtype
@@ -204,8 +202,6 @@ class DenseWriter:
         self.fmt = fmt
         self.schemes: dict[str, dict] = {}
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.shards.add(name, tensor)
 
     def add_quantized(self, name: str, qt: QuantizedTensor | FP8Tensor) -> None:
         module = name.removesuffix(".weight")

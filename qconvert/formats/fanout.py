@@ -16,6 +16,10 @@ class FanOut:
         for w in self.writers:
             w.add_tensor(name, tensor)
 
+    def reserve_tensor(self, name: str, dtype: torch.dtype, shape) -> None:
+        for w in self.writers:
+            w.reserve_tensor(name, dtype, shape)
+
 
 def scale_dtypes(writers: list, default: torch.dtype) -> list[torch.dtype]:
     """The scale dtype each writer stores (its own, or the checkpoint's `default`)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, PlainTensors, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import FP8Tensor
 
@@ -31,14 +31,12 @@ def quantization_config(not_converted: list[str]) -> dict:
             "weight_block_size": list(BLOCK), "ignored_layers": not_converted, "modules_to_not_convert": not_converted}
 
 
-class Writer:
+class Writer(PlainTensors):
     scale_dtype = torch.float32
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.shards = ShardWriter(out_dir, max_shard_bytes)
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.shards.add(name, tensor)
 
     def add_quantized(self, name: str, qt: FP8Tensor) -> None:
         module = name.removesuffix(".weight")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from qconvert.formats.bitpack import pack_bits, unpack_bits
-from qconvert.formats.casting import cast_float, cast_scale
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
+from qconvert.formats.casting import cast_scale
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, PlainTensors, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
 
@@ -54,7 +54,7 @@ def default_g_idx(cols: int, group_size: int) -> torch.Tensor:
     return (torch.arange(cols) // group_size).to(torch.int32)
 
 
-class Writer:
+class Writer(PlainTensors):
     """Streams a model's tensors into GPTQ v1 safetensors shards; the constructor arguments are the
     checkpoint-wide quantize config, and every tensor added must agree with them.
 
@@ -81,8 +81,6 @@ class Writer:
             "static_groups": static_groups, "sym": sym, "true_sequential": true_sequential,
         }
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.shards.add(name, cast_float(name, tensor, self.dtype))
 
     def add_quantized(self, name: str, qt: QuantizedTensor) -> None:
         module = name.removesuffix(".weight")

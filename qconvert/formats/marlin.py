@@ -33,8 +33,8 @@ import torch
 
 from qconvert.errors import QConvertError
 from qconvert.formats.bitpack import pack_bits, unpack_bits
-from qconvert.formats.casting import cast_float, cast_scale
-from qconvert.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter, split_modules
+from qconvert.formats.casting import cast_scale
+from qconvert.formats.shards import DEFAULT_SHARD_BYTES, PlainTensors, ShardWriter, split_modules
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.quantized import QuantizedTensor
 
@@ -141,7 +141,7 @@ def check_shapes(ckpt: Checkpoint, arch) -> None:
         raise QConvertError(f"{name}: {problem}{others}; use --format gptq or compressed-tensors")
 
 
-class Writer:
+class Writer(PlainTensors):
     """Streams a model's tensors into Marlin safetensors shards; every quantized tensor must be symmetric
     4-bit with the checkpoint's group size (128 or -1) and no g_idx.
 
@@ -159,8 +159,6 @@ class Writer:
         self.shards = ShardWriter(out_dir, max_shard_bytes)
         self.group_size, self.dtype = group_size, dtype
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        self.shards.add(name, cast_float(name, tensor, self.dtype))
 
     def add_quantized(self, name: str, qt: QuantizedTensor) -> None:
         module = name.removesuffix(".weight")

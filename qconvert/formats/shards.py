@@ -10,6 +10,7 @@ spaces to a multiple of 8, then the tensors' bytes back to back in header order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -18,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from qconvert.formats.casting import cast_float
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 HEADER_ROOM = 128 * 1024  # ~1000 tensor entries; a larger header costs one copy of the shard
@@ -70,10 +73,12 @@ class _Shard:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.header: dict[str, dict] = {}
         self.size = 0
+        self.awaited: set[str] = set()  # reserved tensors whose bytes have not come yet
+        self.final_path: Path | None = None  # set when the shard is full: it closes once nothing is awaited
 
-    def place(self, name: str, tensor: torch.Tensor, nbytes: int) -> int:
+    def place(self, name: str, dtype: torch.dtype, shape, nbytes: int) -> int:
         """Reserve the bytes of one tensor; returns their file offset."""
-        self.header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        self.header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
                              "data_offsets": [self.size, self.size + nbytes]}
         self.size += nbytes
         return HEADER_ROOM + self.size - nbytes
@@ -105,7 +110,9 @@ class ShardWriter:
 
     add() may be called from several threads. It copies the tensor to host memory and hands the
     file write to one background thread, so GPU work goes on while the disk catches up; at most
-    MAX_PENDING_BYTES wait in memory."""
+    MAX_PENDING_BYTES wait in memory. Tensors take file positions in the order they are added, or
+    reserved: reserve() places a tensor known only by its header, so its data may come later, from
+    any thread, and the files are the same bytes whenever it comes."""
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.out_dir = Path(out_dir)
@@ -118,22 +125,45 @@ class ShardWriter:
         self._jobs: list[Future] = []
         self._pending = 0
         self._room = threading.Condition()
+        self._reserved: dict[str, tuple[_Shard, int]] = {}  # name -> its shard and file offset
+
+    def reserve(self, name: str, dtype: torch.dtype, shape) -> None:
+        """Give a tensor its place now; add() of the same name brings its bytes."""
+        with self._room:
+            shard, offset = self._place(name, dtype, shape, math.prod(shape) * dtype.itemsize)
+            shard.awaited.add(name)
+            self._reserved[name] = (shard, offset)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
         with self._room:
-            if name in self._names:
-                raise ValueError(f"tensor {name} written twice")
             while self._pending and self._pending + data.nbytes > MAX_PENDING_BYTES:
                 self._room.wait()
-            self._names.add(name)
-            if self._open is not None and self._open.size and self._open.size + data.nbytes > self.max_shard_bytes:
-                self._close_shard()
-            if self._open is None:
-                self._open = _Shard(self.out_dir / f"shard-{len(self._done):05d}.tmp")
-            offset = self._open.place(name, tensor, data.nbytes)
-            self._submit(data.nbytes, self._open.write, data, offset)
-            self.total_bytes += data.nbytes
+            if name not in self._reserved:
+                shard, offset = self._place(name, tensor.dtype, tensor.shape, data.nbytes)
+                self._submit(data.nbytes, shard.write, data, offset)
+                return
+            shard, offset = self._reserved[name]
+            entry = shard.header[name]
+            if entry["dtype"] != _DTYPES[tensor.dtype] or entry["shape"] != list(tensor.shape):
+                raise ValueError(f"tensor {name}: reserved as {entry['dtype']} {entry['shape']}, "
+                                 f"given {_DTYPES[tensor.dtype]} {list(tensor.shape)}")
+            del self._reserved[name]
+            shard.awaited.discard(name)
+            self._submit(data.nbytes, shard.write, data, offset)
+            if not shard.awaited and shard.final_path is not None:
+                self._submit(0, shard.close, shard.final_path)
+
+    def _place(self, name: str, dtype: torch.dtype, shape, nbytes: int) -> tuple[_Shard, int]:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
+        if self._open is not None and self._open.size and self._open.size + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._open is None:
+            self._open = _Shard(self.out_dir / f"shard-{len(self._done):05d}.tmp")
+        self.total_bytes += nbytes
+        return self._open, self._open.place(name, dtype, shape, nbytes)
 
     def _submit(self, nbytes: int, fn, *args) -> None:
         self._pending += nbytes
@@ -148,13 +178,17 @@ class ShardWriter:
 
     def _close_shard(self) -> None:
         path = self.out_dir / f"shard-{len(self._done):05d}.safetensors.tmp"
-        self._submit(0, self._open.close, path)  # after its writes: the thread takes jobs in order
+        self._open.final_path = path
+        if not self._open.awaited:
+            self._submit(0, self._open.close, path)  # after its writes: the thread takes jobs in order
         self._done.append((path, list(self._open.header)))
         self._open = None
 
     def finish(self) -> list[str]:
         """Close the last shard, give the shards their final names, write the index."""
         with self._room:
+            if self._reserved:
+                raise ValueError(f"{len(self._reserved)} reserved tensor(s) never written: {', '.join(self._reserved)}")
             if self._open is not None or not self._done:
                 if self._open is None:
                     self._open = _Shard(self.out_dir / "shard-00000.tmp")
@@ -175,3 +209,18 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+
+class PlainTensors:
+    """What every safetensors layout writer does with the tensors it does not quantize (norms, embeddings):
+    stores them into `self.shards`, floats cast to `self.dtype` where the layout computes in one (fp16 for
+    the AWQ, GPTQ and Marlin kernels) or as they are."""
+
+    dtype: torch.dtype | None = None
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.shards.add(name, tensor if self.dtype is None else cast_float(name, tensor, self.dtype))
+
+    def reserve_tensor(self, name: str, dtype: torch.dtype, shape) -> None:
+        """Place a tensor by its header before its data is read (see ShardWriter.reserve)."""
+        self.shards.reserve(name, self.dtype if self.dtype is not None and dtype.is_floating_point else dtype, shape)

@@ -168,7 +168,7 @@ def capture_block_inputs(
     # only the rows the tokens use, renumbered: a 128k-token vocabulary is 1 GB that the blocks never
     # see (the rows are checked for NaN/Inf here; the whole table is checked when it is written)
     used, tokens = torch.unique(tokens, return_inverse=True)
-    rows = ckpt.load([embed_name], check=False)[embed_name][used]
+    rows = ckpt.load_rows(embed_name, used)
     ckpt.check_finite(embed_name, rows)
     _set_param(model, embed_name, rows.to(dtype))
     blocks = decoder_blocks(model, arch)

@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -129,6 +130,12 @@ class Checkpoint:
         """Storage dtype as safetensors names it (BF16, F16, F32, ...) or torch's name for .bin."""
         return self._meta[name][1]
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        from qconvert.formats.shards import TORCH_DTYPES
+
+        stored = self.dtype(name)
+        return TORCH_DTYPES.get(stored) or getattr(torch, stored)
+
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._file_of.values()))
 
@@ -160,6 +167,21 @@ class Checkpoint:
             for n, t in out.items():
                 self.check_finite(n, t)
         return out
+
+    def load_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """tensor[rows] of a 2-D tensor, not checked for NaN/Inf. From safetensors only those rows' pages
+        are read, through a memory map (calibration needs a few thousand rows of a 128k-row embedding)."""
+        if self._bin:
+            return self.load([name], check=False)[name][rows]
+        file = self._file_of[name]
+        with open(file, "rb") as f:  # safetensors: u64 header length, JSON header, then the data
+            header_len = int.from_bytes(f.read(8), "little")
+            begin, end = json.loads(f.read(header_len))[name]["data_offsets"]
+        n_rows = self.shape(name)[0]
+        table = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len + begin,
+                          shape=(n_rows, (end - begin) // n_rows))
+        picked = torch.from_numpy(np.ascontiguousarray(table[rows.numpy()]))
+        return picked.view(self.torch_dtype(name)).reshape(len(rows), *self.shape(name)[1:])
 
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.is_floating_point() and not _all_finite(tensor):

@@ -141,7 +141,6 @@ _CODES = ("weight_packed", "qweight", "B")  # the tensor holding a packed module
 
 
 def _safetensors_rows(output: Path) -> dict[str, SizeRow]:
-    from qconvert.formats.shards import TORCH_DTYPES
     from qconvert.inspect import quantized_modules
     from qconvert.model.checkpoint import Checkpoint
 
@@ -157,7 +156,6 @@ def _safetensors_rows(output: Path) -> dict[str, SizeRow]:
             storage, weights = ckpt.dtype(name).lower(), numel if suffix in ("weight", "bias") else 0
         kind = _kind(module) if module else name
         row = rows.setdefault(kind, SizeRow(kind, defaultdict(int), 0))
-        dtype = TORCH_DTYPES.get(ckpt.dtype(name))
-        row.bytes_by_type[storage] += numel * (dtype.itemsize if dtype is not None else 4)
+        row.bytes_by_type[storage] += numel * ckpt.torch_dtype(name).itemsize
         row.weights += weights
     return rows

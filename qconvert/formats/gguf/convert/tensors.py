@@ -35,10 +35,6 @@ _MM_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "to
              "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed", "patch_embedding",
              "patch_merger.", "patch_merge_mlp.", "model.connector.")
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
 
 @dataclass(frozen=True)
 class TensorSpec:
