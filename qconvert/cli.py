@@ -261,10 +261,13 @@ def gguf(
     type_name: Annotated[str, typer.Argument(metavar="TYPE", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
                                              "Q2_K, Q3_K_S/M/L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL-TYPE.gguf).")] = None,
+    method: Annotated[str, typer.Option("--method", help="plain: llama.cpp's result; imatrix: llama.cpp's with an "
+                                        "importance matrix from --dataset (= --imatrix); gptq: codes and scales "
+                                        "chosen with GPTQ's error compensation on the same GGUF types.")] = "plain",
     imatrix: Annotated[bool, typer.Option("--imatrix", help="Compute an importance matrix from --dataset.")] = False,
     imatrix_file: Annotated[Optional[Path], typer.Option("--imatrix-file", help="Use llama.cpp's imatrix file.")] = None,
     save_imatrix: Annotated[Optional[Path], typer.Option("--save-imatrix", help="Also write the imatrix used.")] = None,
-    dataset: Annotated[str, typer.Option("--dataset", help="Calibration text for --imatrix.")] = "mixed",
+    dataset: Annotated[str, typer.Option("--dataset", help="Calibration text for --imatrix / --method.")] = "mixed",
     samples: Samples = 128,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
@@ -285,9 +288,10 @@ def gguf(
     out = output or Path(f"{Path(model).name or 'model'}-{type_name}.gguf")
     check_output(out, overwrite)
     request = GGUFRequest(model, out, type_name, imatrix, imatrix_file, save_imatrix,
-                          Calibration(dataset, samples, seq_len, seed), device, overwrite, _command_line(ctx))
+                          Calibration(dataset, samples, seq_len, seed), device, overwrite, _command_line(ctx), method)
     config = Checkpoint(resolve_model(model)).config_dict
-    with layer_progress(config.get("num_hidden_layers", 0), "imatrix", quiet or not imatrix) as on_layer, \
+    calibrating = imatrix or method in ("imatrix", "gptq")
+    with layer_progress(config.get("num_hidden_layers", 0), method, quiet or not calibrating) as on_layer, \
             tensor_progress(None, f"gguf {type_name}", quiet) as on_tensor:
         summary = run(request, on_layer, on_tensor)
     if json_out:

@@ -33,7 +33,7 @@ from qconvert.model.blocks import (
     unload_block,
 )
 from qconvert.model.checkpoint import Checkpoint
-from qconvert.quantized import FP8Tensor
+from qconvert.quantized import FP8Tensor, QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,9 @@ def _observe(groups, make_stats: Callable[[str, torch.nn.Linear], object | None]
     return seen, handles
 
 
-def input_sets(groups) -> list[InputSet]:
-    """Split each sequential group into the linears that read one input (same parent module)."""
+def input_sets(groups, file_name: Callable[[str], str] = lambda name: name) -> list[InputSet]:
+    """Split each sequential group into the linears that read one input (same parent module);
+    file_name: a linear's name in the block -> its weight's name in the checkpoint."""
     sets: dict[tuple[int, str], InputSet] = {}
     for gi, group in enumerate(groups):
         for name, linear in group:
@@ -137,6 +138,7 @@ def input_sets(groups) -> list[InputSet]:
             s = sets.setdefault((gi, parent), InputSet(gi, parent, [], []))
             s.names.append(name)
             s.linears.append(linear)
+            s.files.append(file_name(name))
     return list(sets.values())
 
 
@@ -265,7 +267,9 @@ def bits_and_group(qt) -> tuple[int, str]:
         if qt.block is not None:
             return 8, f"block{qt.block[0]}x{qt.block[1]}"
         return 8, "tensor" if qt.scale.numel() == 1 else "channel"
-    return qt.bits, "channel" if qt.group_size == -1 else f"g{qt.group_size}"
+    if isinstance(qt, QuantizedTensor):
+        return qt.bits, "channel" if qt.group_size == -1 else f"g{qt.group_size}"
+    return qt.bits, qt.group  # a GGUF tensor: bits per weight, its block type(s)
 
 
 class _BlockStep:
@@ -277,7 +281,7 @@ class _BlockStep:
         self.writer, self.inputs, self.kv_cache = writer, inputs, kv_cache
         self.prefix = f"{arch.layers}.{index}."
         self.groups = arch.linear_groups(block)
-        self.sets = input_sets(self.groups)
+        self.sets = input_sets(self.groups, lambda name: arch.to_file(f"{self.prefix}{name}.weight"))
         self.report = LayerReport(index, 0.0)
         self.seen: dict[str, Observation] | None = None
         self.samples: dict[tuple[int, str], InputSample] = {}
@@ -338,7 +342,7 @@ class _BlockStep:
         sample = self.samples.get(s.key)
         for i, (name, lin) in enumerate(zip(s.names, s.linears)):
             for w, d in zip(writers, dtypes):
-                w.add_quantized(self.arch.to_file(f"{self.prefix}{name}.weight"), results[d][i])
+                w.add_quantized(s.files[i], results[d][i])
             qt = results[dtypes[0]][i]
             tokens_seen = None if self.seen is None else self.seen[name].tokens
             if tokens_seen == 0:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 
 from qconvert import __version__
-from qconvert.engine import EngineOptions, calibrate
+from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
+from qconvert.engine import EngineOptions, calibrate, convert
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import imatrix as imx
 from qconvert.formats.gguf import quantized_file
+from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
 from qconvert.formats.gguf.convert import GGUFPlan, plan, write_gguf
 from qconvert.formats.gguf.mixtures import FILE_TYPES
 from qconvert.model.architectures import architecture_for
@@ -23,6 +25,7 @@ from qconvert.pipeline import Calibration, calibration_tokens, resolve_device
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
 TYPES = tuple(FILE_TYPES)
+METHODS = ("plain", "imatrix", "gptq")
 _STORAGE = {"BF16": Q.BF16, "F16": Q.F16, "F32": Q.F32}
 
 
@@ -38,6 +41,7 @@ class GGUFRequest:
     device: str = "auto"
     overwrite: bool = False
     command: str = ""
+    method: str = "plain"  # plain | imatrix (llama.cpp's results) | gptq (calibrated codes and scales)
 
 
 def parse_type(name: str) -> str:
@@ -75,14 +79,25 @@ def collect_imatrix(ckpt: Checkpoint, gguf_plan: GGUFPlan, cal: Calibration, dev
     return imx.from_observations(sums, [cal.dataset], chunk_count=cal.samples, chunk_size=cal.seq_len)
 
 
+def check_method(req: GGUFRequest, type_name: str) -> None:
+    if req.method not in METHODS:
+        raise QConvertError(f"unknown --method '{req.method}' (choose from {', '.join(METHODS)})")
+    if type_name in FLOAT_OUTPUTS and (req.imatrix or req.imatrix_file or req.method != "plain"):
+        raise QConvertError(f"calibration (--imatrix, --method) only applies to quantized types, not {type_name}")
+    if req.imatrix and req.imatrix_file:
+        raise QConvertError("give either --imatrix (compute one) or --imatrix-file, not both")
+    if req.method == "gptq" and (req.imatrix or req.imatrix_file):
+        raise QConvertError("--method gptq computes its own importance from the calibration data: "
+                            "drop --imatrix / --imatrix-file")
+
+
 def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype: None) -> dict:
     start = time.perf_counter()
     type_name = parse_type(req.type)
     is_float = type_name in FLOAT_OUTPUTS
-    if is_float and (req.imatrix or req.imatrix_file):
-        raise QConvertError(f"an importance matrix only applies to quantized types, not {type_name}")
-    if req.imatrix and req.imatrix_file:
-        raise QConvertError("give either --imatrix (compute one) or --imatrix-file, not both")
+    if req.method == "imatrix" and not req.imatrix_file:
+        req = replace(req, imatrix=True)
+    check_method(req, type_name)
     importance = imx.read(req.imatrix_file) if req.imatrix_file else None  # cheap checks first
     source = resolve_model(req.model)
     ckpt = Checkpoint(source)
@@ -95,6 +110,8 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
         if is_float:
             write_gguf(gguf_plan, ckpt.get, tmp, type_name)
             records = _float_records(gguf_plan, _STORAGE[type_name])
+        elif req.method == "gptq":
+            records = _write_gptq(req, ckpt, gguf_plan, FILE_TYPES[type_name], tmp, on_layer, on_tensor)
         else:
             dev, _ = resolve_device(req.device)
             recorded = req.imatrix_file or req.save_imatrix
@@ -103,6 +120,20 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
     summary = _summary(req, type_name, gguf_plan, importance, ckpt, records, time.perf_counter() - start)
     write_json_atomically(report_path(req.output), summary)
     return summary
+
+
+def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path, on_layer, on_tensor):
+    """GPTQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's layout."""
+    intermediate = intermediate_type(ckpt)
+    types = quantized_file.plan_types(gguf_plan, intermediate, ftype, has_imatrix=True)
+    config = GGUFGPTQConfig(row_types(gguf_plan, types, ckpt.shape))
+    dev, dtype = resolve_device(req.device)
+    store = CalibratedTensors()
+    convert(ckpt, architecture_for(ckpt.model_type), config, store, calibration_tokens(ckpt.path, req.calibration),
+            EngineOptions(dev, dtype), on_layer)
+    return quantized_file.write(gguf_plan, store.loader(ckpt.get), out, ftype, intermediate, device=dev,
+                                on_tensor=on_tensor, types=types,
+                                encoded=lambda spec: store.bytes_for(spec, lambda n: ckpt.shape(n)[0]))
 
 
 def report_path(gguf_file: Path) -> Path:
@@ -129,6 +160,7 @@ def _summary(req: GGUFRequest, type_name: str, gguf_plan: GGUFPlan, importance, 
         "source": req.model,
         "output": str(req.output),
         "type": type_name,
+        "method": req.method,
         "architecture": gguf_plan.arch,
         "tensor_types": dict(Counter(r.type for r in records.values())),
         "imatrix": None if importance is None else {

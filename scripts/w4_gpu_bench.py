@@ -71,12 +71,15 @@ def run_ours(method: str, ids: Path, fmt: str) -> dict:
 
 
 def run_peer(script: Path, method: str, layers: int, env: dict) -> dict:
+    start = time.perf_counter()
     res = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True,
                          env={**os.environ, **env, "LAYERS": str(layers)})
+    wall = time.perf_counter() - start
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     if res.returncode or not lines:
         return {"tool": "llm-compressor", "method": method, "error": res.stderr[-2000:]}
-    return {"tool": "llm-compressor", **json.loads(lines[-1])}
+    # the whole process: imports, model loading, oneshot (the script saves nothing)
+    return {"tool": "llm-compressor", **json.loads(lines[-1]), "process_seconds": round(wall, 1)}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ config dataclass is registered with its class here, the one place the engine loo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ class InputSet:
     parent: str
     names: list[str]
     linears: list[nn.Linear]
+    files: list[str] = field(default_factory=list)  # the checkpoint names of their weights
 
     @property
     def key(self) -> tuple[int, str]:
@@ -77,7 +78,7 @@ def register(config_type: type):
 
 def algorithm_for(config, arch) -> Algorithm:
     # importing the modules registers them
-    from qconvert.algorithms import awq, fp8, gptq, int8, rtn  # noqa: F401
+    from qconvert.algorithms import awq, fp8, gguf_gptq, gptq, int8, rtn  # noqa: F401
 
     try:
         cls = _ALGORITHMS[type(config)]

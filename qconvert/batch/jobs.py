@@ -28,7 +28,7 @@ class JobOptions:
 
 def needs_calibration(recipe: Recipe) -> bool:
     if recipe.method == "gguf":
-        return recipe.params.get("imatrix", False)
+        return recipe.params.get("imatrix", False) or recipe.params.get("method", "plain") != "plain"
     return recipe.config().calibrated or recipe.kv_cache is not None
 
 
@@ -53,9 +53,11 @@ def layout_folders(recipe: Recipe, out: Path) -> list[Path]:
 def _convert_gguf(recipe, model, out, calibration, options, overwrite, command, on_layer) -> dict:
     from qconvert.gguf_pipeline import GGUFRequest, run
 
-    imatrix = recipe.params.get("imatrix", False)
+    method = recipe.params.get("method", "plain")
+    imatrix = recipe.params.get("imatrix", False) or method == "imatrix"
     base = GGUFRequest(model, out, recipe.params["type"], imatrix, calibration=calibration or Calibration("mixed"),
-                       device=options.device, overwrite=overwrite, command=command)
+                       device=options.device, overwrite=overwrite, command=command,
+                       method="plain" if method == "imatrix" else method)
     if not (imatrix and options.imatrix_cache):
         return run(base, on_layer)
     # one imatrix per model and calibration, computed by the first recipe that needs it (the others wait on

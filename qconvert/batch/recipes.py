@@ -3,7 +3,7 @@
     name: w4a16-gptq
     description: ...
     method: gptq                      # rtn, gptq, awq, fp8, int8 or gguf
-    params: {bits: 4, group_size: 128} # the method's settings (its config's fields; gguf: type, imatrix)
+    params: {bits: 4, group_size: 128} # the method's settings (its config's fields; gguf: type, imatrix, method)
     calibration: {dataset: mixed, samples: 128, seq_len: 512, seed: 0}
     format: gptq                      # the method's output layout (default: its first); a list writes
                                       # several from one pass, each in OUT/<format>
@@ -24,7 +24,7 @@ from qconvert.pipeline import FORMATS, Calibration
 
 KEYS = ("name", "description", "method", "params", "calibration", "format", "kv_cache", "gates")
 GATES = ("max_ppl_increase_pct", "max_kl")
-GGUF_PARAMS = {"type": str, "imatrix": bool}
+GGUF_PARAMS = {"type": str, "imatrix": bool, "method": str}
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,10 @@ def _check_params(method: str, params: dict, where: str) -> None:
             parse_type(str(params["type"]))
         except QConvertError as exc:
             raise QConvertError(f"{where}: params.type: {exc}") from None
+        from qconvert.gguf_pipeline import METHODS
+
+        if params.get("method", "plain") not in METHODS:
+            raise QConvertError(f"{where}: params.method: '{params['method']}' is not one of {', '.join(METHODS)}")
     else:
         types = {f.name: f.type for f in dataclasses.fields(_config_type(method)) if f.name != "zero_floor"}
     _only(params, types, f"{where}: params (for {method})")

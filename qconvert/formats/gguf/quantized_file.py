@@ -123,10 +123,13 @@ def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imat
 def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path, ftype: LlamaFileType,
           intermediate: Q, imatrix: Imatrix | None = None, imatrix_file: str | None = None,
           device: torch.device = torch.device("cpu"),
-          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None) -> dict[str, TensorRecord]:
+          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None,
+          types: dict[str, Q] | None = None,
+          encoded: Callable[[TensorSpec], np.ndarray | None] = lambda spec: None) -> dict[str, TensorRecord]:
     """Write the quantized file; returns what every tensor became. imatrix_file: the path to record in
-    the file's metadata, as the user gave it to llama-quantize."""
-    types = plan_types(plan, intermediate, ftype, imatrix is not None)
+    the file's metadata, as the user gave it to llama-quantize. types: each tensor's type, when already
+    chosen; encoded: a tensor's bytes when a calibrated algorithm made them (None: quantized here)."""
+    types = types or plan_types(plan, intermediate, ftype, imatrix is not None)
     by_name = {s.gguf_name: s for s in plan.tensors}
     order = [by_name[n] for n in quantizer_order(list(by_name))]
     writer = gguf.GGUFWriter(str(out_path), arch=plan.arch)
@@ -147,10 +150,12 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
         qtype = types[spec.gguf_name]
         start = time.perf_counter()
         values = tensor_data(spec, loader)
-        encoded = encode(spec, values, qtype, intermediate, imatrix, device)
-        writer.write_tensor_data(encoded)
-        records[spec.gguf_name] = TensorRecord(qtype.name, list(spec.shape), encoded.nbytes,
-                                               sampled_error(encoded, qtype, values),
+        data = encoded(spec)
+        if data is None:
+            data = encode(spec, values, qtype, intermediate, imatrix, device)
+        writer.write_tensor_data(data)
+        records[spec.gguf_name] = TensorRecord(qtype.name, list(spec.shape), data.nbytes,
+                                               sampled_error(data, qtype, values),
                                                round(time.perf_counter() - start, 4))
         on_tensor(spec.gguf_name, qtype)
     writer.close()

@@ -64,7 +64,10 @@ def _imatrix_weights(xs: torch.Tensor, imatrix: torch.Tensor, sigma2: torch.Tens
 
 def _requantize(xs, d, dm, lo, hi, L_prev, with_min: bool):
     """Per sub-block: if d != 0, L = clamp(nearest_int((x + dm)/d)) else keep L_prev.
-    d, dm: [nsub, R, nsb] floats (fp16 super-scale * integer sub-scale)."""
+    d, dm: [nsub, R, nsb] floats (fp16 super-scale * integer sub-scale).
+
+    Every k-quant takes a `rounding` with this signature in its place: the scales stay llama.cpp's, the
+    codes are the caller's (GPTQ onto the GGUF grids rounds column by column, passing each error on)."""
     v = div(xs + dm, d) if with_min else div(xs, d)
     L = nearest_int(v).clamp_(lo, hi)
     return iselect(bits(ne(d, 0.0)).unsqueeze(0), L, L_prev)
@@ -101,13 +104,13 @@ def _unpack_k4_scales(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat((lo_d, hi_d), -1), torch.cat((lo_m, hi_m), -1)
 
 
-def _kq_finish(xs, L, dsc, dmn, ls, lm, nmax):
+def _kq_finish(xs, L, dsc, dmn, ls, lm, nmax, rounding=None):
     """Q4_K/Q5_K tail: pack scales, re-quantize with the fp16 scales. Returns (scale bytes, L [R,nsb,256])."""
     sb = _pack_k4_scales(ls, lm)
     sc, m = _unpack_k4_scales(sb)
     d = fp16_round(dsc).unsqueeze(-1) * sc.to(F32)        # [R, nsb, 8]
     dm = fp16_round(dmn).unsqueeze(-1) * m.to(F32)
-    L = _requantize(xs, d.permute(2, 0, 1), dm.permute(2, 0, 1), 0, nmax, L, True)
+    L = (rounding or _requantize)(xs, d.permute(2, 0, 1), dm.permute(2, 0, 1), 0, nmax, L, True)
     return sb, _elements(L)
 
 
@@ -119,7 +122,7 @@ def _k_scale_codes(v: torch.Tensor, vmax: torch.Tensor) -> torch.Tensor:
 
 # ---- Q4_K / Q5_K ---------------------------------------------------------------------------------
 
-def _q45_k(x, imatrix, nmax):
+def _q45_k(x, imatrix, nmax, rounding=None):
     xs = _split(x, 32)                                       # [32, 8, R, nsb]
     if imatrix is None:
         sum_x2 = seq_sum(xs * xs)                            # per sub-block
@@ -142,7 +145,7 @@ def _q45_k(x, imatrix, nmax):
         ls, lm = _subs(Ls), _subs(Lm)
         if nmax == 31:                                       # only quantize_row_q5_K_impl clamps here
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
-    sb, L = _kq_finish(xs, L, dsc, dmn, ls, lm, nmax)
+    sb, L = _kq_finish(xs, L, dsc, dmn, ls, lm, nmax, rounding)
     R, nsb = L.shape[:2]
     qtype = T.Q4_K if nmax == 15 else T.Q5_K
     out = _out(R, nsb, qtype, x.device)
@@ -162,17 +165,17 @@ def _q45_k(x, imatrix, nmax):
     return out.reshape(R, -1)
 
 
-def q4_K(x, imatrix=None):
-    return _q45_k(x, imatrix, 15)
+def q4_K(x, imatrix=None, rounding=None):
+    return _q45_k(x, imatrix, 15, rounding)
 
 
-def q5_K(x, imatrix=None):
-    return _q45_k(x, imatrix, 31)
+def q5_K(x, imatrix=None, rounding=None):
+    return _q45_k(x, imatrix, 31, rounding)
 
 
 # ---- Q2_K ----------------------------------------------------------------------------------------
 
-def q2_K(x, imatrix=None):
+def q2_K(x, imatrix=None, rounding=None):
     # block layout: ggml block_q2_K {uint8 scales[16]; uint8 qs[64]; half d, dmin}
     xs = _split(x, 16)                                       # [16, 16, R, nsb]
     zero = torch.zeros((), dtype=F32, device=x.device)
@@ -197,7 +200,7 @@ def q2_K(x, imatrix=None):
         byte = (Ls | (Lm << 4)) & 0xFF
     d = fp16_round(dsc) * (byte & 0xF).to(F32)               # [16, R, nsb]
     dm = fp16_round(dmn) * (byte >> 4).to(F32)
-    L = _elements(_requantize(xs, d, dm, 0, 3, L, True))
+    L = _elements((rounding or _requantize)(xs, d, dm, 0, 3, L, True))
     R, nsb = L.shape[:2]
     out = _out(R, nsb, T.Q2_K, x.device)
     put(out, 0, _subs(byte))
@@ -217,7 +220,7 @@ def _pack_q3_scales(l: torch.Tensor) -> torch.Tensor:
     return torch.cat((low, high), -1) & 0xFF
 
 
-def q3_K(x, imatrix=None):
+def q3_K(x, imatrix=None, rounding=None):
     # block layout: ggml block_q3_K {uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; half d}
     xs = _split(x, 16)                                       # [16, 16, R, nsb]
     zero = torch.zeros((), dtype=F32, device=x.device)
@@ -239,7 +242,7 @@ def q3_K(x, imatrix=None):
     sb = _pack_q3_scales(_subs(l))
     sc = (l & 63) - 32                                       # the 6-bit code read back, minus 32
     d = fp16_round(dsc) * sc.to(F32)
-    L = _elements(_requantize(xs, d, None, -4, 3, L - 4, False) + 4)   # [R, nsb, 256] 0..7
+    L = _elements((rounding or _requantize)(xs, d, None, -4, 3, L - 4, False) + 4)   # [R, nsb, 256] 0..7
     R, nsb = L.shape[:2]
     shifts = torch.arange(8, device=x.device, dtype=torch.int32).view(8, 1)
     hmask = (L >> 2).bitwise_and_(1).reshape(R, nsb, 8, 32).bitwise_left_shift_(shifts)  # L > 3: bit b of
@@ -253,7 +256,7 @@ def q3_K(x, imatrix=None):
 
 # ---- Q6_K ----------------------------------------------------------------------------------------
 
-def q6_K(x, imatrix=None):
+def q6_K(x, imatrix=None, rounding=None):
     # block layout: ggml block_q6_K {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d}
     xs = _split(x, 16)                                       # [16, 16, R, nsb]
     zero = torch.zeros((), dtype=F32, device=x.device)
@@ -265,7 +268,7 @@ def q6_K(x, imatrix=None):
     dsc = torch.where(is_zero, zero, recip(iscale))
     sc = wrap_i8(nearest_int(iscale * scales).clamp_(max=127))
     d = fp16_round(dsc) * sc.to(F32)
-    L = _elements(_requantize(xs, d, None, -32, 31, L - 32, False) + 32)   # 0..63
+    L = _elements((rounding or _requantize)(xs, d, None, -32, 31, L - 32, False) + 32)   # 0..63
     R, nsb = L.shape[:2]
     q = L.reshape(R, nsb, 2, 4, 32)                          # [.., half, quarter, l]
     lo = q & 0xF

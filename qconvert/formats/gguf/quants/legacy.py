@@ -97,19 +97,25 @@ def _affine_ref(x, qtype, nmax):
 
 # ---- imatrix paths -------------------------------------------------------------------------------
 
-def _weighted(x: torch.Tensor, imatrix: torch.Tensor):
-    """x as [32, R, nb] plus the weights qw * sqrt(sigma2 + x^2), sigma2 = (sum over the row of x^2) / cols."""
-    R, cols = x.shape
+def row_sigma2(x: torch.Tensor) -> torch.Tensor:
+    """(sum over the row of x^2) / cols, per row [R]."""
     sq_t = (x * x).t().contiguous()                    # [cols, R], summed in column order
-    sigma2 = div(seq_sum(sq_t), float(cols))           # [R]
+    return div(seq_sum(sq_t), float(x.shape[1]))
+
+
+def _weighted(x: torch.Tensor, imatrix: torch.Tensor, sigma2: torch.Tensor | None = None):
+    """x as [32, R, nb] plus the weights qw * sqrt(sigma2 + x^2). sigma2: row_sigma2 of the whole row x is
+    part of (a caller quantizing a row block by block passes it)."""
+    R, cols = x.shape
+    sigma2 = row_sigma2(x) if sigma2 is None else sigma2
     xt = _blocks(x).permute(2, 0, 1).contiguous()      # [32, R, nb]
     qw = imatrix.reshape(cols // QK, QK).t().unsqueeze(1)   # [32, 1, nb]
     weight = qw * sqrt((xt * xt).add_(sigma2.view(1, R, 1)))
     return xt, weight
 
 
-def _symmetric_imatrix(x, imatrix, qtype, nmax):
-    xt, weight = _weighted(x, imatrix)
+def _symmetric_imatrix(x, imatrix, qtype, nmax, sigma2=None):
+    xt, weight = _weighted(x, imatrix, sigma2)
     d, L = make_qx_quants(xt, nmax, weight)
     q = L.permute(1, 2, 0)                             # [R, nb, 32]
     out = _out(x, qtype)
@@ -120,8 +126,8 @@ def _symmetric_imatrix(x, imatrix, qtype, nmax):
     return _flat(out)
 
 
-def _affine_imatrix(x, imatrix, qtype, nmax):
-    xt, weight = _weighted(x, imatrix)
+def _affine_imatrix(x, imatrix, qtype, nmax, sigma2=None):
+    xt, weight = _weighted(x, imatrix, sigma2)
     d, the_min, L = make_qkx(xt, weight, nmax, -0.9, 0.05, 36, False)
     q = L.permute(1, 2, 0)
     out = _out(x, qtype)
@@ -133,17 +139,17 @@ def _affine_imatrix(x, imatrix, qtype, nmax):
     return _flat(out)
 
 
-def q4_0(x, imatrix=None):
-    return _symmetric_ref(x, T.Q4_0, 8) if imatrix is None else _symmetric_imatrix(x, imatrix, T.Q4_0, 8)
+def q4_0(x, imatrix=None, sigma2=None):
+    return _symmetric_ref(x, T.Q4_0, 8) if imatrix is None else _symmetric_imatrix(x, imatrix, T.Q4_0, 8, sigma2)
 
 
-def q5_0(x, imatrix=None):
-    return _symmetric_ref(x, T.Q5_0, 16) if imatrix is None else _symmetric_imatrix(x, imatrix, T.Q5_0, 16)
+def q5_0(x, imatrix=None, sigma2=None):
+    return _symmetric_ref(x, T.Q5_0, 16) if imatrix is None else _symmetric_imatrix(x, imatrix, T.Q5_0, 16, sigma2)
 
 
-def q4_1(x, imatrix=None):
-    return _affine_ref(x, T.Q4_1, 15) if imatrix is None else _affine_imatrix(x, imatrix, T.Q4_1, 15)
+def q4_1(x, imatrix=None, sigma2=None):
+    return _affine_ref(x, T.Q4_1, 15) if imatrix is None else _affine_imatrix(x, imatrix, T.Q4_1, 15, sigma2)
 
 
-def q5_1(x, imatrix=None):
-    return _affine_ref(x, T.Q5_1, 31) if imatrix is None else _affine_imatrix(x, imatrix, T.Q5_1, 31)
+def q5_1(x, imatrix=None, sigma2=None):
+    return _affine_ref(x, T.Q5_1, 31) if imatrix is None else _affine_imatrix(x, imatrix, T.Q5_1, 31, sigma2)
