@@ -5,7 +5,7 @@ same call by `LAYERS=32 python ../shared/bench/peer_llmcompressor_gpu.py gptq`:
 
     python scripts/w4_gpu_depth.py 32   # on the GPU machine, with .whl and .peer carried (see w4_gpu_run.sh)
 """
-import sys, time, torch, re
+import sys, torch, re
 from pathlib import Path
 sys.path.insert(0, "scripts")
 import w4_gpu_bench as B
