@@ -16,7 +16,7 @@ from qconvert.calibration.tokens import calibration_windows, saved_windows
 from qconvert.engine import EngineOptions, LayerReport, convert
 from qconvert.errors import QConvertError
 from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
-from qconvert.formats.fanout import FanOut
+from qconvert.formats.fanout import FanOut, scale_dtypes
 from qconvert.formats.shards import DEFAULT_SHARD_BYTES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
@@ -202,7 +202,6 @@ def check_formats(request: Request) -> object:
 def _check_repeatable(request: Request, arch, writers: list, default_dtype) -> None:
     """Layouts with different scale dtypes need one quantize() call each, which GPTQ cannot repeat."""
     from qconvert.algorithms import algorithm_for
-    from qconvert.formats.fanout import scale_dtypes
 
     dtypes = set(scale_dtypes(writers, default_dtype))
     if len(dtypes) > 1 and not algorithm_for(request.config, arch).repeatable:

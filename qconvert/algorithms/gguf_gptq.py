@@ -163,10 +163,9 @@ class GGUFGPTQ(Algorithm):
         if not any(typed):
             return [Unchanged(w.detach()) for w in weights]
         h = _take_hessian(stats, weights[0])
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1  # a column nothing reached: rounded alone, passing no error on
-        imatrix = importance(h).float()
-        imatrix[dead] = 0
+        imatrix = importance(h)  # 0 for a column nothing reached, as in llama.cpp's imatrix
+        dead = imatrix == 0
+        h[dead, dead] = 1  # such a column is rounded alone, passing no error on
         cols = h.shape[0]
         u = inverse_cholesky([h.flip(0, 1).contiguous()], self.config.damp, ", ".join(inputs.names))
         del h
@@ -175,8 +174,7 @@ class GGUFGPTQ(Algorithm):
             if not row_types:
                 results.append(Unchanged(w.detach()))
                 continue
-            parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix.to(w.device)))
-                     for r in row_types]
+            parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix)) for r in row_types]
             results.append(GGUFTensor(parts, cols))
         return results
 

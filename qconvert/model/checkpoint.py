@@ -174,11 +174,10 @@ class Checkpoint:
         if self._bin:
             return self.load([name], check=False)[name][rows]
         file = self._file_of[name]
-        with open(file, "rb") as f:  # safetensors: u64 header length, JSON header, then the data
-            header_len = int.from_bytes(f.read(8), "little")
-            begin, end = json.loads(f.read(header_len))[name]["data_offsets"]
+        header, data_start = safetensors_header(file)
+        begin, end = header[name]["data_offsets"]
         n_rows = self.shape(name)[0]
-        table = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len + begin,
+        table = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + begin,
                           shape=(n_rows, (end - begin) // n_rows))
         picked = torch.from_numpy(np.ascontiguousarray(table[rows.numpy()]))
         return picked.view(self.torch_dtype(name)).reshape(len(rows), *self.shape(name)[1:])
@@ -189,6 +188,14 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         return self.load([name])[name]
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the file offset its data starts at (the file is a u64 header
+    length, the header, then the data; data_offsets count from that start)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
 
 
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from qconvert.model.checkpoint import safetensors_header
 
 from .architectures import GLOBAL as GLOBAL_NAMES
 from .architectures import ExpertLayout, Family, HParams, UnsupportedModel, phi3_rope_dims
@@ -79,12 +80,6 @@ class SourceTensor:
     shape: tuple[int, ...]
 
 
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
-
-
 def index_checkpoint(model_dir: Path) -> list[SourceTensor]:
     """The checkpoint's tensors in llama.cpp's reading order."""
     model_dir = Path(model_dir)
@@ -102,7 +97,7 @@ def index_checkpoint(model_dir: Path) -> list[SourceTensor]:
         raise UnsupportedModel(f"no model*.safetensors in {model_dir} (GGUF conversion reads safetensors only)")
     out: list[SourceTensor] = []
     for file in files:
-        header = _safetensors_header(model_dir / file)
+        header, _ = safetensors_header(model_dir / file)
         for name in sorted(k for k in header if k != "__metadata__"):
             meta = header[name]
             out.append(SourceTensor(name, file, meta["dtype"], tuple(meta["shape"])))
