@@ -272,6 +272,7 @@ def gguf(
     seq_len: SeqLen = 512,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU quantizer threads (0: every core).")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
@@ -288,7 +289,8 @@ def gguf(
     out = output or Path(f"{Path(model).name or 'model'}-{type_name}.gguf")
     check_output(out, overwrite)
     request = GGUFRequest(model, out, type_name, imatrix, imatrix_file, save_imatrix,
-                          Calibration(dataset, samples, seq_len, seed), device, overwrite, _command_line(ctx), method)
+                          Calibration(dataset, samples, seq_len, seed), device, overwrite, _command_line(ctx), method,
+                          threads)
     config = Checkpoint(resolve_model(model)).config_dict
     calibrating = imatrix or method in ("imatrix", "gptq")
     with layer_progress(config.get("num_hidden_layers", 0), method, quiet or not calibrating) as on_layer, \

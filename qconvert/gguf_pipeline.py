@@ -10,18 +10,17 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as Q
 
 from qconvert import __version__
-from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
-from qconvert.engine import EngineOptions, calibrate, convert
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import imatrix as imx
 from qconvert.formats.gguf import quantized_file
-from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
 from qconvert.formats.gguf.convert import GGUFPlan, plan, write_gguf
 from qconvert.formats.gguf.mixtures import FILE_TYPES
-from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.output import staged_file, write_json_atomically
 from qconvert.pipeline import Calibration, calibration_tokens, resolve_device
+
+# The calibrated methods import the engine (and transformers' modelling code, seconds of start-up) when
+# they run: a plain conversion never needs them.
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
 TYPES = tuple(FILE_TYPES)
@@ -42,6 +41,7 @@ class GGUFRequest:
     overwrite: bool = False
     command: str = ""
     method: str = "plain"  # plain | imatrix (llama.cpp's results) | gptq (calibrated codes and scales)
+    threads: int = 0  # CPU quantizer threads; 0: every core this process may use
 
 
 def parse_type(name: str) -> str:
@@ -63,6 +63,9 @@ def intermediate_type(ckpt: Checkpoint) -> Q:
 
 def collect_imatrix(ckpt: Checkpoint, gguf_plan: GGUFPlan, cal: Calibration, device: str, on_layer) -> imx.Imatrix:
     """llama.cpp's importance matrix from qconvert's layer-by-layer calibration pass."""
+    from qconvert.engine import EngineOptions, calibrate
+    from qconvert.model.architectures import architecture_for
+
     arch = architecture_for(ckpt.model_type)
     dev, dtype = resolve_device(device)
     tokens = calibration_tokens(ckpt.path, cal)
@@ -116,7 +119,8 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
             dev, _ = resolve_device(req.device)
             recorded = req.imatrix_file or req.save_imatrix
             records = quantized_file.write(gguf_plan, ckpt.get, tmp, FILE_TYPES[type_name], intermediate_type(ckpt),
-                                           importance, str(recorded) if recorded else None, dev, on_tensor)
+                                           importance, str(recorded) if recorded else None, dev, on_tensor,
+                                           threads=req.threads or None)
     summary = _summary(req, type_name, gguf_plan, importance, ckpt, records, time.perf_counter() - start)
     write_json_atomically(report_path(req.output), summary)
     return summary
@@ -124,6 +128,11 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
 
 def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path, on_layer, on_tensor):
     """GPTQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's layout."""
+    from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
+    from qconvert.engine import EngineOptions, convert
+    from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
+    from qconvert.model.architectures import architecture_for
+
     intermediate = intermediate_type(ckpt)
     types = quantized_file.plan_types(gguf_plan, intermediate, ftype, has_imatrix=True)
     config = GGUFGPTQConfig(row_types(gguf_plan, types, ckpt.shape))
@@ -132,7 +141,7 @@ def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, 
     convert(ckpt, architecture_for(ckpt.model_type), config, store, calibration_tokens(ckpt.path, req.calibration),
             EngineOptions(dev, dtype), on_layer)
     return quantized_file.write(gguf_plan, store.loader(ckpt.get), out, ftype, intermediate, device=dev,
-                                on_tensor=on_tensor, types=types,
+                                on_tensor=on_tensor, types=types, threads=req.threads or None,
                                 encoded=lambda spec: store.bytes_for(spec, lambda n: ckpt.shape(n)[0]))
 
 
@@ -170,5 +179,6 @@ def _summary(req: GGUFRequest, type_name: str, gguf_plan: GGUFPlan, importance, 
         "source_bytes": ckpt.nbytes(),
         "output_bytes": req.output.stat().st_size,
         "seconds": round(seconds, 3),
+        "quantize_seconds": round(sum(r.quantize_seconds for r in records.values()), 3),
         "tensors": {name: asdict(r) for name, r in records.items()},
     }

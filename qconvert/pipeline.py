@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,7 +14,6 @@ from qconvert import __version__, kv_cache
 from qconvert.algorithms.fp8 import check_block_shapes
 from qconvert.calibration.datasets import load_texts
 from qconvert.calibration.tokens import calibration_windows, saved_windows
-from qconvert.engine import EngineOptions, LayerReport, convert
 from qconvert.errors import QConvertError
 from qconvert.formats import awq, compressed_tensors, fp8, gptq, marlin
 from qconvert.formats.fanout import FanOut, scale_dtypes
@@ -21,6 +21,9 @@ from qconvert.formats.shards import DEFAULT_SHARD_BYTES
 from qconvert.model.architectures import architecture_for
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.output import copy_aux_files, staged_output, write_config, write_model_card
+
+if TYPE_CHECKING:
+    from qconvert.engine import LayerReport
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,8 @@ def _check_repeatable(request: Request, arch, writers: list, default_dtype) -> N
 def run(request: Request, on_layer=lambda r: None) -> dict:
     """Convert request.model into request.output (one folder per layout under it when several are asked
     for); returns the summary that report.json holds (the first layout's)."""
+    from qconvert.engine import EngineOptions, convert  # transformers' modelling code: seconds to import
+
     start = time.perf_counter()
     config = check_formats(request)
     source = resolve_model(request.model)

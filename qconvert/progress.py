@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from qconvert.engine import LayerReport
+if TYPE_CHECKING:
+    from qconvert.engine import LayerReport
 
 stderr = Console(stderr=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def bench(name: str, model: Path, work: Path, threads: int, oracle, text: Path, 
     for type_name in TYPES:
         base_type = type_name.removesuffix("+imatrix")
         ours, ref = work / f"qconvert-{type_name}.gguf", work / f"llama.cpp-{type_name}.gguf"
-        args = [str(model), base_type, "-o", str(ours), "--overwrite", "--quiet", "--device", "cpu"]
+        args = [str(model), base_type, "-o", str(ours), "--overwrite", "--quiet", "--device", "cpu",
+                "--threads", str(threads)]
         if type_name.endswith("+imatrix"):
             # the imatrix comes from qconvert's calibration pass (128 x 512 tokens of `mixed`); both
             # sides quantize with that same file
@@ -84,7 +86,10 @@ def bench(name: str, model: Path, work: Path, threads: int, oracle, text: Path, 
             t_ref = t_convert + t_quant
         same = "yes" if sha(ours) == sha(ref) else "NO"
         ppl = "-" if skip_ppl else f"{oracle.perplexity(ours, text, ctx=512, extra_args=('--chunks', '40')):.3f}"
-        ratio = f"{t_ref / t_ours:.2f}x" + ("" if t_quant is None else f" (quantize only: {t_quant:.1f} s)")
+        ratio = f"{t_ref / t_ours:.2f}x"
+        if t_quant is not None:  # the quantizer stage alone: qconvert's in-process time against llama-quantize's run
+            q_ours = json.loads(Path(f"{ours}.report.json").read_text())["quantize_seconds"]
+            ratio += f" (quantize: {q_ours:.1f} s vs llama-quantize {t_quant:.1f} s, {t_quant / q_ours:.2f}x)"
         rows.append(f"| {name} | {type_name} | {ours.stat().st_size / 2**20:.1f} | {same} | {ppl} | "
                     f"{t_ours:.1f} | {t_ref:.1f} | {ratio} |")
         print(rows[-1], flush=True)
@@ -96,6 +101,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m", "random-1b"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qconvert-gguf-bench"))
+    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity runs (timings and identity only)")
     args = ap.parse_args()
     oracle = locate()
     text = args.work / "heldout.txt"
@@ -106,7 +112,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = random_model(args.work / name) if name.startswith("random") else MODELS_DIR / name
-        bench(name, model, args.work / f"{name}-out", args.threads, oracle, text, skip_ppl=name.startswith("random"))
+        bench(name, model, args.work / f"{name}-out", args.threads, oracle, text, skip_ppl=args.no_ppl or name.startswith("random"))
 
 
 if __name__ == "__main__":

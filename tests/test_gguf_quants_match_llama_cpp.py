@@ -1,4 +1,6 @@
-"""qconvert's GGUF block quantizers against llama.cpp's own (ggml_quantize_chunk via ctypes): byte equality.
+"""qconvert's GGUF block quantizers against llama.cpp's own (ggml_quantize_chunk via ctypes): byte equality,
+for both implementations: the C one (native.c, which CPU and CUDA use) and the PyTorch one (the fallback
+without a compiler; the GGUF GPTQ rounding hook builds on it).
 
 Every supported type, without and with an importance matrix, on inputs chosen to hit the corner
 cases of ggml-quants.c (ties, signed zeros, all-zero and constant blocks, negative extremes, tiny
@@ -12,61 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from qconvert.formats.gguf.quants import SUPPORTED, dequantize, quantize, row_bytes
+from qconvert.formats.gguf.quants import SUPPORTED, dequantize, native, quantize, row_bytes
+from qconvert.testing.gguf_inputs import edge_imatrices, edge_rows
 
 T = gguf.GGMLQuantizationType
 BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 COLS = 512
+X = edge_rows(COLS)
+IMATRICES = edge_imatrices(COLS)
 
 
-def _rows(cols: int = COLS) -> np.ndarray:
-    rng = np.random.default_rng(1234)
-    rows = [rng.standard_normal(cols) for _ in range(4)]                      # gaussian
-    for _ in range(2):                                                        # heavy tails + outliers
-        r = rng.standard_t(2, cols) * 0.02
-        r[rng.random(cols) < 0.01] *= 50
-        rows.append(r)
-    rows.append(np.zeros(cols))                                               # zeros
-    rows.append(np.full(cols, -0.0))                                          # negative zeros
-    rows.append(rng.standard_normal(cols) * 1e-8)                             # tiny (fp16 scales underflow)
-    rows.append(rng.standard_normal(cols) * 1e-30)
-    rows.append(np.full(cols, 0.37))                                          # constant
-    rows.append(np.full(cols, -1.25))
-    rows.append(-np.abs(rng.standard_normal(cols)))                           # all negative
-    r = rng.standard_normal(cols) * 0.1
-    r[::32] = -3.0                                                            # largest value negative
-    rows.append(r)
-    r = rng.standard_normal(cols) * 0.1
-    r[5::32], r[9::32] = 2.0, -2.0                                            # +max and -max tie
-    rows.append(r)
-    rows.append(rng.integers(-8, 9, cols) / 8.0)                              # rounding ties
-    rows.append(np.abs(rng.standard_normal(cols)))                            # all positive
-    r = np.abs(rng.standard_normal(cols))
-    r[rng.random(cols) < 0.3] = 0.0
-    r[rng.random(cols) < 0.2] = -0.0                                          # zero minimum, mixed signs
-    rows.append(r)
-    r = rng.standard_normal(cols)
-    r[rng.random(cols) < 0.9] = 0.0                                           # sparse
-    rows.append(r)
-    rows.append(rng.standard_normal(cols) * np.exp(rng.uniform(-6, 6, cols)))  # wide dynamic range
-    rows.append(rng.standard_normal(cols) * 300 + 1000)                       # large, offset
-    return np.stack(rows).astype(np.float32)
-
-
-def _imatrices(cols: int = COLS) -> dict:
-    rng = np.random.default_rng(99)
-    with_zeros = rng.random(cols) * (rng.random(cols) > 0.3)
-    wide = np.exp(rng.uniform(-12, 12, cols))
-    return {"random-with-zeros": with_zeros.astype(np.float32), "wide": wide.astype(np.float32)}
-
-
-X = _rows()
-IMATRICES = _imatrices()
-
-
-def _ours(x: np.ndarray, qtype, imatrix) -> np.ndarray:
+def _ours(x: np.ndarray, qtype, imatrix, compiled: bool = True, threads: int | None = None) -> np.ndarray:
     im = None if imatrix is None else torch.from_numpy(imatrix)
-    out = quantize(torch.from_numpy(x), qtype, im)
+    out = quantize(torch.from_numpy(x), qtype, im, threads, compiled)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (x.shape[0], row_bytes(qtype, x.shape[1]))
     return out.numpy()
 
@@ -81,10 +41,13 @@ def _assert_same(ours: np.ndarray, ref: np.ndarray, what: str):
         raise AssertionError(f"{what}: bytes differ from llama.cpp in rows {rows}")
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["C", "torch"])
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
-def test_block_types_match_llama_cpp(oracle, qtype):
+def test_block_types_match_llama_cpp(oracle, qtype, compiled):
+    if compiled:
+        assert native.library() is not None, "the C quantizers did not build (a C compiler is needed)"
     for name, imatrix in [("no imatrix", None), *IMATRICES.items()]:
-        ours = _ours(X, qtype, imatrix)
+        ours = _ours(X, qtype, imatrix, compiled)
         _assert_same(ours, _theirs(oracle, X, qtype, imatrix), f"{qtype.name} ({name})")
         if imatrix is None:
             # round trip: bytes -> floats of the original shape, close to the input on gaussian rows
@@ -100,7 +63,10 @@ def test_rows_are_independent_of_chunking(oracle):
     x = rng.standard_normal((1030, 256)).astype(np.float32)
     im = rng.random(256).astype(np.float32)
     for qtype, imatrix in [(T.Q4_K, None), (T.Q6_K, im), (T.Q4_0, im)]:
-        _assert_same(_ours(x, qtype, imatrix), _theirs(oracle, x, qtype, imatrix), qtype.name)
+        ref = _theirs(oracle, x, qtype, imatrix)
+        _assert_same(_ours(x, qtype, imatrix, compiled=False), ref, qtype.name)
+        for threads in (1, 3):  # the C path splits rows into tasks over threads
+            _assert_same(_ours(x, qtype, imatrix, threads=threads), ref, f"{qtype.name}, {threads} threads")
 
 
 # The GPU path (same bytes on CUDA) is checked by scripts/gguf_gpu_check.py on a GPU machine.
@@ -172,3 +138,17 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="2-D"):
         quantize(torch.zeros(256), T.Q8_0)
     assert set(BLOCK_TYPES) | {T.F32, T.F16, T.BF16} == set(SUPPORTED)
+
+
+def test_without_a_compiler_the_torch_quantizers_take_over(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("QCONVERT_CACHE", str(tmp_path))
+    x = torch.from_numpy(X[:4])
+    expected = quantize(x, T.Q4_K, compiled=False)
+    with caplog.at_level("WARNING"):
+        assert native.library() is None
+        assert torch.equal(quantize(x, T.Q4_K), expected)
+    assert "GGUF C quantizers unavailable" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in the cache

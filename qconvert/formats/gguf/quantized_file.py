@@ -10,6 +10,7 @@ general.file_type are set again, which moves them to the end of the key list.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import time
@@ -41,6 +42,7 @@ class TensorRecord:
     bytes: int
     weight_error: float | None  # ||W - Q||^2 / ||W||^2 on up to ERROR_ROWS rows spread over the tensor
     seconds: float
+    quantize_seconds: float = 0.0  # of which in the quantizer (the intermediate type's rounding included)
 
 
 def sampled_error(encoded: np.ndarray, qtype: Q, values: torch.Tensor) -> float:
@@ -104,19 +106,36 @@ def _imatrix_for(spec: TensorSpec, imatrix: Imatrix | None) -> torch.Tensor | No
     return torch.from_numpy(values).reshape(n_mat, spec.shape[0])
 
 
+def read_values(spec: TensorSpec, loader: Callable[[str], torch.Tensor], intermediate: Q) -> tuple[torch.Tensor, bool]:
+    """The tensor's float32 values, and whether they already lie on the intermediate type's grid (moved,
+    not computed, from tensors stored in that type), where llama-quantize's rounding changes nothing."""
+    dtypes = []
+
+    def recording(name: str) -> torch.Tensor:
+        t = loader(name)
+        dtypes.append(t.dtype)
+        return t
+
+    values = tensor_data(spec, recording)
+    moved_only = all(op[0] in ("stack", "slice", "permute") for op in spec.transform)
+    return values, moved_only and bool(dtypes) and all(d == _ROUND.get(intermediate) for d in dtypes)
+
+
 def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imatrix: Imatrix | None,
-           device: torch.device) -> np.ndarray:
-    """The tensor's bytes in qtype, computed from its values in the intermediate type."""
+           device: torch.device, threads: int | None = None, on_grid: bool = False) -> np.ndarray:
+    """The tensor's bytes in qtype, computed from its values in the intermediate type (on_grid: data
+    already holds them, see read_values)."""
     if qtype in (Q.F32, Q.F16, Q.BF16) and (qtype == intermediate or qtype == Q.F32):
         return encode_float(data, qtype)
-    if intermediate in _ROUND:  # llama-quantize reads the intermediate file's rounded values
+    data = data.to(device)
+    if intermediate in _ROUND and not on_grid:  # llama-quantize reads the intermediate file's rounded values
         data = data.to(_ROUND[intermediate]).float()
     mats = data.reshape(-1, data.shape[-2], data.shape[-1])
     weights = _imatrix_for(spec, imatrix)
     out = []
     for i, w in enumerate(mats):  # one matrix (expert) at a time, each with its own importance
         im = None if weights is None else weights[i].to(device)
-        out.append(quants.quantize(w.to(device), qtype, im).cpu())
+        out.append(quants.quantize(w, qtype, im, threads).cpu())
     return torch.cat(out).numpy()
 
 
@@ -125,10 +144,12 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
           device: torch.device = torch.device("cpu"),
           on_tensor: Callable[[str, Q], None] = lambda name, qtype: None,
           types: dict[str, Q] | None = None,
-          encoded: Callable[[TensorSpec], np.ndarray | None] = lambda spec: None) -> dict[str, TensorRecord]:
+          encoded: Callable[[TensorSpec], np.ndarray | None] = lambda spec: None,
+          threads: int | None = None) -> dict[str, TensorRecord]:
     """Write the quantized file; returns what every tensor became. imatrix_file: the path to record in
     the file's metadata, as the user gave it to llama-quantize. types: each tensor's type, when already
-    chosen; encoded: a tensor's bytes when a calibrated algorithm made them (None: quantized here)."""
+    chosen; encoded: a tensor's bytes when a calibrated algorithm made them (None: quantized here); threads:
+    the CPU quantizers' threads (None: every core)."""
     types = types or plan_types(plan, intermediate, ftype, imatrix is not None)
     by_name = {s.gguf_name: s for s in plan.tensors}
     order = [by_name[n] for n in quantizer_order(list(by_name))]
@@ -146,17 +167,29 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     records = {}
-    for spec in order:
-        qtype = types[spec.gguf_name]
-        start = time.perf_counter()
-        values = tensor_data(spec, loader)
-        data = encoded(spec)
-        if data is None:
-            data = encode(spec, values, qtype, intermediate, imatrix, device)
-        writer.write_tensor_data(data)
-        records[spec.gguf_name] = TensorRecord(qtype.name, list(spec.shape), data.nbytes,
-                                               sampled_error(data, qtype, values),
-                                               round(time.perf_counter() - start, 4))
-        on_tensor(spec.gguf_name, qtype)
+    # the next tensor is read (and permuted) while this one is quantized: the C quantizers release the GIL
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reader:
+        upcoming = [reader.submit(read_values, spec, loader, intermediate) for spec in order[:1]]
+        for i, spec in enumerate(order):
+            start = time.perf_counter()
+            values, on_grid = upcoming.pop().result()
+            if i + 1 < len(order):
+                upcoming.append(reader.submit(read_values, order[i + 1], loader, intermediate))
+            records[spec.gguf_name] = _write_tensor(writer, spec, values, on_grid, types[spec.gguf_name],
+                                                    intermediate, imatrix, device, threads, encoded, start)
+            on_tensor(spec.gguf_name, types[spec.gguf_name])
     writer.close()
     return records
+
+
+def _write_tensor(writer: gguf.GGUFWriter, spec: TensorSpec, values: torch.Tensor, on_grid: bool, qtype: Q,
+                  intermediate: Q, imatrix: Imatrix | None, device: torch.device, threads: int | None, encoded,
+                  start: float) -> TensorRecord:
+    data = encoded(spec)
+    quantizing = time.perf_counter()
+    if data is None:
+        data = encode(spec, values, qtype, intermediate, imatrix, device, threads, on_grid)
+    quantized = time.perf_counter()
+    writer.write_tensor_data(data)
+    return TensorRecord(qtype.name, list(spec.shape), data.nbytes, sampled_error(data, qtype, values),
+                        round(time.perf_counter() - start, 4), round(quantized - quantizing, 4))

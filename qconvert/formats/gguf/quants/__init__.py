@@ -12,7 +12,9 @@ differ where ggml's result depends on x86's NaN sign and payload rules (an imatr
 squares or weights overflow to inf). NaN/inf inputs: F32/F16/BF16 exact; block types undefined.
 
 Modules: floats (F32/F16/BF16), legacy (Q4_0..Q8_0), kquants (Q2_K..Q6_K), search (the scale
-searches they share), common (exact-arithmetic helpers).
+searches they share), common (exact-arithmetic helpers); native (the same block quantizers in C,
+built for the CPU and, with nvcc, for CUDA: what `quantize` runs when a compiler is there; the PyTorch
+ones are the fallback and what the GGUF GPTQ rounding hook builds on).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import gguf
 import numpy as np
 import torch
 
-from . import floats, kquants, legacy
+from . import floats, kquants, legacy, native
 
 T = gguf.GGMLQuantizationType
 
@@ -108,11 +110,15 @@ def _check(qtype, shape) -> T:
     return qtype
 
 
-def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None, threads: int | None = None,
+             compiled: bool = True) -> torch.Tensor:
     """w [rows, cols] -> uint8 [rows, row_bytes(qtype, cols)], the bytes ggml_quantize_chunk writes.
 
     imatrix: float32 [cols] importance weights (llama.cpp's quant_weights) or None; ignored by the
-    types whose ggml quantizer ignores it (F32, F16, BF16, Q8_0)."""
+    types whose ggml quantizer ignores it (F32, F16, BF16, Q8_0). On the CPU the block types run in
+    the C quantizers (`native`) on `threads` threads (None: every core this process may use), on a
+    CUDA GPU in the same C code built with nvcc; compiled=False or no compiler: the PyTorch ones (same
+    bytes)."""
     qtype = _check(qtype, w.shape)
     rows, cols = w.shape
     w = w.to(torch.float32)
@@ -122,10 +128,18 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None) -> tor
             raise ValueError(f"imatrix has {imatrix.numel()} values, expected one per column ({cols})")
         if qtype in (T.F32, T.F16, T.BF16, T.Q8_0):
             imatrix = None
-    fn = _QUANTIZERS[qtype]
     out = torch.empty((rows, row_bytes(qtype, cols)), dtype=torch.uint8, device=w.device)
     if rows == 0 or cols == 0:
         return out
+    if compiled and qtype in native.TYPES:
+        if w.device.type == "cpu" and native.library() is not None:
+            native.quantize(w.contiguous().numpy(), qtype, None if imatrix is None else imatrix.contiguous().numpy(),
+                            out.numpy(), threads or native.default_threads())
+            return out
+        if w.device.type == "cuda" and native.cuda_library() is not None:
+            native.quantize_cuda(w.contiguous(), qtype, None if imatrix is None else imatrix.contiguous(), out)
+            return out
+    fn = _QUANTIZERS[qtype]
     step = max(1, _chunk_elements(qtype, w.device, imatrix is not None) // max(cols, 1))
     with _one_intra_op_thread() if w.device.type == "cpu" else contextlib.nullcontext():
         for r0 in range(0, rows, step):

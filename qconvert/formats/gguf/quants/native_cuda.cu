@@ -1,0 +1,37 @@
+/* The quantizers of native.c on a CUDA GPU: the same C source, one GPU thread per block of 32 or 256
+ * values. Compiled with -fmad=false and IEEE division and square root (native.py's flags), every float32
+ * operation rounds as on the CPU, so the bytes are the CPU's (and llama.cpp's). */
+#define QFN __host__ __device__ static inline
+#include "native.c"
+
+__global__ void row_sigma2_kernel(const float *x, int64_t rows, int64_t cols, float *sigma2) {
+    int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (r < rows) sigma2[r] = row_sigma2(x + r * cols, cols);
+}
+
+__global__ void blocks_kernel(int type, const float *x, int64_t rows, int64_t cols, const float *imatrix,
+                              const float *sigma2, uint8_t *out) {
+    int size, block = block_size(type, &size);
+    int64_t nb = cols / block;
+    int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (t >= rows * nb) return;
+    int64_t r = t / nb, b = t % nb;
+    quantize_block(type, x + r * cols + b * block, imatrix ? imatrix + b * block : NULL, sigma2 ? sigma2[r] : 0.f,
+                   out + r * nb * size + b * size);
+}
+
+/* Device pointers; sigma2: scratch of `rows` floats. Queued on `stream`; returns the bytes per row, -1 for
+ * a type not handled, -2 when a launch failed. */
+extern "C" int64_t qcv_quantize_rows_cuda(int type, const float *x, int64_t rows, int64_t cols, const float *imatrix,
+                                          float *sigma2, uint8_t *out, void *stream) {
+    int size, block = block_size(type, &size);
+    if (!block) return -1;
+    cudaStream_t s = (cudaStream_t)stream;
+    const int threads = 64;  /* few per SM block: each thread keeps a super-block's state in local memory */
+    if (!uses_sigma2(type, imatrix)) sigma2 = NULL;
+    if (sigma2) row_sigma2_kernel<<<(unsigned)((rows + threads - 1) / threads), threads, 0, s>>>(x, rows, cols, sigma2);
+    int64_t total = rows * (cols / block);
+    if (total > 0)
+        blocks_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0, s>>>(type, x, rows, cols, imatrix, sigma2, out);
+    return cudaGetLastError() == cudaSuccess ? (cols / block) * size : -2;
+}
