@@ -11,7 +11,6 @@ import argparse
 import time
 
 import gguf
-import numpy as np
 import torch
 
 from qconvert.formats.gguf.quants import quantize
