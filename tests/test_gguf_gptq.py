@@ -11,6 +11,7 @@ from gguf import GGUFReader
 from qconvert.algorithms.gguf_gptq import importance, sweep
 from qconvert.algorithms.gptq import inverse_cholesky
 from qconvert.formats.gguf import quants
+from qconvert.formats.gguf.quants import native
 from qconvert.gguf_pipeline import GGUFRequest, run
 from qconvert.pipeline import Calibration
 from qconvert.testing.tiny_models import make_tiny_model
@@ -52,6 +53,21 @@ def test_with_nothing_to_compensate_the_bytes_are_llama_cpps(qtype):
     w, x = _layer(512)
     imatrix = importance(2 / len(x) * x.T @ x)
     assert torch.equal(sweep(w.clone(), torch.eye(512), qtype, imatrix), quants.quantize(w, qtype, imatrix))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q5_1])
+@pytest.mark.parametrize("with_imatrix", [True, False], ids=["imatrix", "plain"])
+def test_the_compiled_sweep_gives_the_pytorch_sweeps_bytes(qtype, with_imatrix, monkeypatch):
+    """The C sweep (native.c, a row per thread; CUDA's is the same source) against the PyTorch one."""
+    w, x = _layer(512, rows=37)  # rows that do not split evenly over threads
+    h = 2 / len(x) * x.T @ x
+    imatrix = importance(h) if with_imatrix else None
+    u = inverse_cholesky([h.flip(0, 1).contiguous()], 0.01)  # column-major, as in the algorithm
+    assert native.available(torch.device("cpu"))
+    compiled = sweep(w.clone(), u, qtype, imatrix)
+    monkeypatch.setattr(native, "_lib", None)  # no C library: the PyTorch quantizers and rounding hook
+    assert not native.available(torch.device("cpu"))
+    assert torch.equal(compiled, sweep(w.clone(), u, qtype, imatrix))
 
 
 def test_the_first_super_block_keeps_llama_cpps_scales():

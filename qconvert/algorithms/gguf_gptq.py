@@ -22,13 +22,12 @@ from qconvert.algorithms import Algorithm, InputSet, register
 from qconvert.algorithms.gptq import Hessian, _take_hessian, inverse_cholesky
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import quants
-from qconvert.formats.gguf.quants import kquants, legacy
+from qconvert.formats.gguf.quants import kquants, legacy, native
 from qconvert.formats.gguf.quants.common import div, nearest_int
 
 Q = gguf.GGMLQuantizationType
 KQUANTS = {Q.Q2_K: kquants.q2_K, Q.Q3_K: kquants.q3_K, Q.Q4_K: kquants.q4_K, Q.Q5_K: kquants.q5_K,
            Q.Q6_K: kquants.q6_K}
-LEGACY = {Q.Q4_0: legacy.q4_0, Q.Q4_1: legacy.q4_1, Q.Q5_0: legacy.q5_0, Q.Q5_1: legacy.q5_1}
 
 
 @dataclass(frozen=True)
@@ -109,12 +108,15 @@ def sweep(w: torch.Tensor, u: torch.Tensor, qtype: int, imatrix: torch.Tensor | 
         weights = None if imatrix is None else imatrix[c0:c1]
         if kquant is not None:
             scaled = torch.empty_like(part)
-            raw = kquant(part.clone(), weights, rounding=_compensating(part, ub, scaled))
-        else:
-            if Q(qtype) in LEGACY and weights is not None:  # their importance weighting reads the whole row
-                raw = LEGACY[Q(qtype)](part.contiguous(), weights, legacy.row_sigma2(w))
+            if native.available(w.device):  # the same sweep in C, a row per thread
+                raw = torch.empty((rows, quants.row_bytes(qtype, block)), dtype=torch.uint8, device=w.device)
+                native.gptq_superblocks(part, ub, Q(qtype), weights, raw, scaled)
             else:
-                raw = quants.quantize(part, qtype, weights)
+                raw = kquant(part.clone(), weights, rounding=_compensating(part, ub, scaled))
+        else:
+            # the 32-value types' importance weighting reads the mean square of the whole (updated) row
+            sigma2 = legacy.row_sigma2(w) if imatrix is not None else None
+            raw = quants.quantize(part, qtype, weights, sigma2=sigma2)
             err = part - quants.dequantize(raw.cpu(), qtype, (rows, block)).to(w.device)
             scaled = torch.linalg.solve_triangular(ub, err, upper=True, left=False)  # err · U_BB⁻¹
         w[:, c1:] -= scaled @ u[c0:c1, c1:]

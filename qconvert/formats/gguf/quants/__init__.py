@@ -111,14 +111,15 @@ def _check(qtype, shape) -> T:
 
 
 def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None, threads: int | None = None,
-             compiled: bool = True) -> torch.Tensor:
+             compiled: bool = True, sigma2: torch.Tensor | None = None) -> torch.Tensor:
     """w [rows, cols] -> uint8 [rows, row_bytes(qtype, cols)], the bytes ggml_quantize_chunk writes.
 
     imatrix: float32 [cols] importance weights (llama.cpp's quant_weights) or None; ignored by the
     types whose ggml quantizer ignores it (F32, F16, BF16, Q8_0). On the CPU the block types run in
     the C quantizers (`native`) on `threads` threads (None: every core this process may use), on a
     CUDA GPU in the same C code built with nvcc; compiled=False or no compiler: the PyTorch ones (same
-    bytes)."""
+    bytes). sigma2 [rows]: the mean square of each whole row, for the 32-value types' importance weights
+    when w is a slice of the rows (GGUF GPTQ quantizes one block column at a time); None: from w."""
     qtype = _check(qtype, w.shape)
     rows, cols = w.shape
     w = w.to(torch.float32)
@@ -134,16 +135,20 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None, thread
     if compiled and qtype in native.TYPES:
         if w.device.type == "cpu" and native.library() is not None:
             native.quantize(w.contiguous().numpy(), qtype, None if imatrix is None else imatrix.contiguous().numpy(),
-                            out.numpy(), threads or native.default_threads())
+                            out.numpy(), threads or native.default_threads(),
+                            None if sigma2 is None else sigma2.float().contiguous().numpy())
             return out
         if w.device.type == "cuda" and native.cuda_library() is not None:
-            native.quantize_cuda(w.contiguous(), qtype, None if imatrix is None else imatrix.contiguous(), out)
+            native.quantize_cuda(w.contiguous(), qtype, None if imatrix is None else imatrix.contiguous(), out,
+                                 None if sigma2 is None else sigma2.float())
             return out
     fn = _QUANTIZERS[qtype]
+    legacy_sigma2 = sigma2 is not None and imatrix is not None and qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
     step = max(1, _chunk_elements(qtype, w.device, imatrix is not None) // max(cols, 1))
     with _one_intra_op_thread() if w.device.type == "cpu" else contextlib.nullcontext():
         for r0 in range(0, rows, step):
-            out[r0:r0 + step] = fn(w[r0:r0 + step].contiguous(), imatrix)
+            extra = (sigma2[r0:r0 + step],) if legacy_sigma2 else ()
+            out[r0:r0 + step] = fn(w[r0:r0 + step].contiguous(), imatrix, *extra)
     return out
 
 

@@ -411,8 +411,45 @@ QFN void pack_2bit(const uint8_t *L, uint8_t *qs) {
             qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
 }
 
+/* GPTQ onto a k-quant grid (`qconvert gguf --method gptq`): the super-block's values are rounded column
+ * by column, and each column's error e = (x_c - deq_c) / U_cc goes to the block's later columns
+ * (x_k -= e * U_ck) and into scaled[c] for the columns after the block. x: the row's 256 values (the
+ * ones the scale search saw, updated here); u: the block's 256 x 256 upper factor, row stride ldu. */
+typedef struct {
+    float *x;
+    const float *u;
+    int64_t ldu;
+    float *scaled;
+} Compensation;
+
+/* The k-quants' last step: codes of the 256 values on the fp16-rounded sub-block scales d[j] (and offsets
+ * dm[j], or none), n values per sub-block, L = clamp(nearest_int((x + dm) / d), lo, hi) - lo; a sub-block
+ * whose d is 0 keeps the search's codes. With gc, column by column with GPTQ's error feedback. */
+QFN void requantize(const float *x, uint8_t *L, const float *d, const float *dm, int n, int lo, int hi,
+                    const Compensation *gc) {
+    for (int c = 0; c < QK_K; ++c) {
+        float dj = d[c / n], shift = dm ? dm[c / n] : 0.f;
+        float xc = gc ? gc->x[c] : x[c];
+        int q;
+        if (dj) {
+            q = MAX(lo, MIN(hi, nearest_int(dm ? (xc + shift) / dj : xc / dj)));
+            L[c] = (uint8_t)(q - lo);
+        } else if (gc) {
+            q = L[c] + lo;
+        } else {
+            continue;
+        }
+        if (gc) {
+            float deq = dm ? dj * q - shift : dj * q;
+            float e = (xc - deq) / gc->u[c * gc->ldu + c];
+            for (int k = c + 1; k < QK_K; ++k) gc->x[k] -= e * gc->u[c * gc->ldu + k];
+            gc->scaled[c] = e;
+        }
+    }
+}
+
 /* block_q2_K {uint8 scales[16]; uint8 qs[64]; half d, dmin} */
-QFN void q2_K_block(const float *x, const float *qw, uint8_t *y) {
+QFN void q2_K_block(const float *x, const float *qw, uint8_t *y, const Compensation *gc) {
     uint8_t L[QK_K], Laux[16], *sc = y;
     float w[16], mins[16], scales[16], sw[16];
     if (!qw) {
@@ -459,15 +496,12 @@ QFN void q2_K_block(const float *x, const float *qw, uint8_t *y) {
     uint16_t hd, hm;
     memcpy(&hd, y + 80, 2);
     memcpy(&hm, y + 82, 2);
+    float d[16], dm[16];
     for (int j = 0; j < 16; ++j) {
-        float d = from_f16(hd) * (sc[j] & 0xF);
-        if (!d) continue;
-        float dm = from_f16(hm) * (sc[j] >> 4);
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = nearest_int((x[16 * j + ii] + dm) / d);
-            L[16 * j + ii] = MAX(0, MIN(3, l));
-        }
+        d[j] = from_f16(hd) * (sc[j] & 0xF);
+        dm[j] = from_f16(hm) * (sc[j] >> 4);
     }
+    requantize(x, L, d, dm, 16, 0, 3, gc);
     pack_2bit(L, y + 16);
 }
 
@@ -478,7 +512,7 @@ QFN void put_q3_scale(uint8_t *s, int j, int l) {
     s[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
 }
 
-QFN void q3_K_block(const float *x, const float *qw, uint8_t *y) {
+QFN void q3_K_block(const float *x, const float *qw, uint8_t *y, const Compensation *gc) {
     int8_t L[QK_K];
     float scales[16];
     uint8_t *s = y + 96;
@@ -519,17 +553,13 @@ QFN void q3_K_block(const float *x, const float *qw, uint8_t *y) {
         for (int j = 0; j < 16; ++j) put_q3_scale(s, j, Ls[j]);
     }
     put_f16(y + 108, dsc);
-    float d_super = f16_round(dsc);
+    float d_super = f16_round(dsc), d[16];
     for (int j = 0; j < 16; ++j) {
         int8_t sc = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
         sc = (int8_t)((sc | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
-        float d = d_super * sc;
-        if (!d) continue;
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = nearest_int(x[16 * j + ii] / d);
-            L[16 * j + ii] = MAX(-4, MIN(3, l)) + 4;
-        }
+        d[j] = d_super * sc;
     }
+    requantize(x, (uint8_t *)L, d, NULL, 16, -4, 3, gc);
     uint8_t *hmask = y, Lu[QK_K];
     memset(hmask, 0, 32);
     int m = 0;
@@ -555,7 +585,7 @@ QFN void get_scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
 
 /* block_q4_K {half d, dmin; uint8 scales[12]; uint8 qs[128]}
  * block_q5_K {half d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]} */
-QFN void q45_K_block(const float *x, const float *qw, uint8_t *y, int nmax) {
+QFN void q45_K_block(const float *x, const float *qw, uint8_t *y, int nmax, const Compensation *gc) {
     uint8_t L[QK_K], Laux[32], ls[8], lm[8];
     float w[32], mins[8], scales[8], dsc, dmn;
     if (!qw) {
@@ -610,18 +640,14 @@ QFN void q45_K_block(const float *x, const float *qw, uint8_t *y, int nmax) {
     }
     put_f16(y, dsc);
     put_f16(y + 2, dmn);
-    float d_super = f16_round(dsc), m_super = f16_round(dmn);
+    float d_super = f16_round(dsc), m_super = f16_round(dmn), d[8], dm[8];
     for (int j = 0; j < 8; ++j) {
         uint8_t sc, m;
         get_scale_min_k4(j, s, &sc, &m);
-        float d = d_super * sc;
-        if (!d) continue;
-        float dm = m_super * m;
-        for (int ii = 0; ii < 32; ++ii) {
-            int l = nearest_int((x[32 * j + ii] + dm) / d);
-            L[32 * j + ii] = MAX(0, MIN(nmax, l));
-        }
+        d[j] = d_super * sc;
+        dm[j] = m_super * m;
     }
+    requantize(x, L, d, dm, 32, 0, nmax, gc);
     if (nmax == 15) {
         uint8_t *q = y + 16;
         for (int j = 0; j < QK_K; j += 64, q += 32)
@@ -641,7 +667,7 @@ QFN void q45_K_block(const float *x, const float *qw, uint8_t *y, int nmax) {
 }
 
 /* block_q6_K {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d} */
-QFN void q6_K_block(const float *x, const float *qw, uint8_t *y) {
+QFN void q6_K_block(const float *x, const float *qw, uint8_t *y, const Compensation *gc) {
     int8_t L[QK_K], *sc = (int8_t *)(y + 192);
     float scales[16], max_scale = 0, max_abs = 0;
     for (int ib = 0; ib < 16; ++ib) {
@@ -649,7 +675,10 @@ QFN void q6_K_block(const float *x, const float *qw, uint8_t *y) {
         float a = fabsf(scales[ib]);
         if (a > max_abs) { max_abs = a; max_scale = scales[ib]; }
     }
-    if (max_abs < GROUP_MAX_EPS) {
+    float d[16];
+    if (max_abs < GROUP_MAX_EPS) {  /* an all-zero block; under GPTQ its values' errors still move on */
+        memset(d, 0, sizeof d);
+        if (gc) requantize(x, (uint8_t *)L, d, NULL, 16, -32, 31, gc);
         memset(y, 0, 210);
         return;
     }
@@ -657,14 +686,8 @@ QFN void q6_K_block(const float *x, const float *qw, uint8_t *y) {
     put_f16(y + 208, 1 / iscale);
     float d_super = f16_round(1 / iscale);
     for (int ib = 0; ib < 16; ++ib) sc[ib] = (int8_t)MIN(127, nearest_int(iscale * scales[ib]));
-    for (int j = 0; j < 16; ++j) {
-        float d = d_super * sc[j];
-        if (!d) continue;
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = nearest_int(x[16 * j + ii] / d);
-            L[16 * j + ii] = MAX(-32, MIN(31, l)) + 32;
-        }
-    }
+    for (int j = 0; j < 16; ++j) d[j] = d_super * sc[j];
+    requantize(x, (uint8_t *)L, d, NULL, 16, -32, 31, gc);
     uint8_t *ql = y, *qh = y + 128;
     for (int j = 0; j < QK_K; j += 128, ql += 64, qh += 32) {
         for (int l = 0; l < 32; ++l) {
@@ -712,19 +735,33 @@ QFN void quantize_block(int type, const float *xb, const float *qw, float sigma2
     case Q5_0: if (qw) sym_imatrix_block(xb, qw, sigma2, y, 16); else sym_ref_block(xb, y, 16); break;
     case Q4_1: if (qw) affine_imatrix_block(xb, qw, sigma2, y, 15); else affine_ref_block(xb, y, 15); break;
     case Q5_1: if (qw) affine_imatrix_block(xb, qw, sigma2, y, 31); else affine_ref_block(xb, y, 31); break;
-    case Q2_K: q2_K_block(xb, qw, y); break;
-    case Q3_K: q3_K_block(xb, qw, y); break;
-    case Q4_K: q45_K_block(xb, qw, y, 15); break;
-    case Q5_K: q45_K_block(xb, qw, y, 31); break;
-    case Q6_K: q6_K_block(xb, qw, y); break;
+    case Q2_K: q2_K_block(xb, qw, y, NULL); break;
+    case Q3_K: q3_K_block(xb, qw, y, NULL); break;
+    case Q4_K: q45_K_block(xb, qw, y, 15, NULL); break;
+    case Q5_K: q45_K_block(xb, qw, y, 31, NULL); break;
+    case Q6_K: q6_K_block(xb, qw, y, NULL); break;
+    }
+}
+
+/* one row's super-block under GPTQ (see Compensation); 0 for a type that is not a k-quant */
+QFN int gptq_superblock(int type, const float *qw, uint8_t *y, const Compensation *gc) {
+    switch (type) {
+    case Q2_K: q2_K_block(gc->x, qw, y, gc); return 1;
+    case Q3_K: q3_K_block(gc->x, qw, y, gc); return 1;
+    case Q4_K: q45_K_block(gc->x, qw, y, 15, gc); return 1;
+    case Q5_K: q45_K_block(gc->x, qw, y, 31, gc); return 1;
+    case Q6_K: q6_K_block(gc->x, qw, y, gc); return 1;
+    default: return 0;
     }
 }
 
 #ifndef __CUDACC__
 /* x [rows, cols] float32 -> out [rows, cols / block * block bytes]; imatrix [cols] or NULL (ignored by
- * Q8_0, as ggml ignores it). Returns the bytes per row, or -1 for a type this file does not handle. */
+ * Q8_0, as ggml ignores it); sigma2s: per row, the mean square the 32-value types' importance weights
+ * use, or NULL to compute it from the row (GPTQ passes the whole row's when x is one block column).
+ * Returns the bytes per row, or -1 for a type this file does not handle. */
 int64_t qcv_quantize_rows(int type, const float *x, int64_t rows, int64_t cols, const float *imatrix,
-                          uint8_t *out) {
+                          const float *sigma2s, uint8_t *out) {
     int size, block = block_size(type, &size);
     if (!block) return -1;
     int64_t nb = cols / block, row_bytes = nb * size;
@@ -738,7 +775,7 @@ int64_t qcv_quantize_rows(int type, const float *x, int64_t rows, int64_t cols, 
     }
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
-        float sigma2 = uses_sigma2(type, imatrix) ? row_sigma2(xr, cols) : 0.f;
+        float sigma2 = !uses_sigma2(type, imatrix) ? 0.f : sigma2s ? sigma2s[r] : row_sigma2(xr, cols);
         if (!imatrix && type == Q4_0) EACH_BLOCK(sym_ref_block(xb, y, 8))
         else if (!imatrix && type == Q5_0) EACH_BLOCK(sym_ref_block(xb, y, 16))
         else if (!imatrix && type == Q4_1) EACH_BLOCK(affine_ref_block(xb, y, 15))
@@ -748,5 +785,19 @@ int64_t qcv_quantize_rows(int type, const float *x, int64_t rows, int64_t cols, 
     }
 #undef EACH_BLOCK
     return row_bytes;
+}
+
+/* GPTQ for rows of one super-block column: w [rows, 256] (row stride ldw, updated), u [256, 256] (row stride
+ * ldu), qw [256] or NULL -> out [rows, block bytes] (row stride ldo), scaled [rows, 256]. Returns the block
+ * bytes, or -1 for a type that is not a k-quant. */
+int64_t qcv_gptq_superblocks(int type, float *w, int64_t rows, int64_t ldw, const float *u, int64_t ldu,
+                             const float *qw, uint8_t *out, int64_t ldo, float *scaled) {
+    int size;
+    if (block_size(type, &size) != QK_K) return -1;
+    for (int64_t r = 0; r < rows; ++r) {
+        Compensation gc = {w + r * ldw, u, ldu, scaled + r * QK_K};
+        gptq_superblock(type, qw, out + r * ldo, &gc);
+    }
+    return size;
 }
 #endif

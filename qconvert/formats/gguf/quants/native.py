@@ -124,7 +124,9 @@ def library() -> ctypes.CDLL | None:
             return None
         fn = lib.qcv_quantize_rows
         fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p]
+        _gptq_signature(lib.qcv_gptq_superblocks)
         _lib = lib
         return lib
 
@@ -162,23 +164,68 @@ def cuda_library() -> ctypes.CDLL | None:
         fn = lib.qcv_quantize_rows_cuda
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        _gptq_signature(lib.qcv_gptq_superblocks_cuda, stream=True)
         _cuda_lib = lib
         return lib
 
 
-def quantize_cuda(x, qtype: T, imatrix, out) -> None:
-    """x float32 CUDA [rows, cols] (contiguous) -> out uint8 CUDA [rows, row bytes], on the current stream."""
+def _gptq_signature(fn, stream: bool = False) -> None:
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + ([ctypes.c_void_p] if stream else [])
+
+
+def _check_done(done: int, qtype: T, what: str) -> None:
+    if done < 0:
+        raise RuntimeError(f"{qtype.name}: the {what} failed ({'type not handled' if done == -1 else 'launch'})")
+
+
+def quantize_cuda(x, qtype: T, imatrix, out, sigma2=None) -> None:
+    """x float32 CUDA [rows, cols] (contiguous) -> out uint8 CUDA [rows, row bytes], on the current stream.
+    sigma2: the rows' mean squares for the 32-value types' importance weights (None: from x)."""
     import torch
 
     rows, cols = x.shape
-    sigma2 = torch.empty(rows, dtype=torch.float32, device=x.device)
+    given = sigma2 is not None
+    sigma2 = sigma2.contiguous() if given else torch.empty(rows, dtype=torch.float32, device=x.device)
+    stream = torch.cuda.current_stream(x.device)
     done = cuda_library().qcv_quantize_rows_cuda(
         int(qtype), x.data_ptr(), rows, cols, None if imatrix is None else imatrix.data_ptr(), sigma2.data_ptr(),
-        out.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
-    if done < 0:
-        raise RuntimeError(f"{qtype.name}: the CUDA quantizer failed ({'type not handled' if done == -1 else 'launch'})")
-    torch.cuda.current_stream(x.device).synchronize()  # sigma2 is freed on return
+        int(given), out.data_ptr(), stream.cuda_stream)
+    _check_done(done, qtype, "CUDA quantizer")
+    stream.synchronize()  # sigma2 is freed on return
+
+
+def gptq_superblocks(w, u, qtype: T, qw, out, scaled, threads: int | None = None) -> None:
+    """GPTQ onto a k-quant grid for one super-block column (native.c, `Compensation`): w float32 [rows, 256]
+    (rows contiguous, updated), u [256, 256] (rows contiguous), qw [256] or None -> out uint8 [rows, block
+    bytes], scaled float32 [rows, 256] (contiguous). On w's device; CPU rows are split over threads."""
+    import torch
+
+    rows = w.shape[0]
+    if u.stride(1) != 1:  # a factor from LAPACK is column-major: the C reads rows
+        u = u.contiguous()
+    assert w.stride(1) == 1 and out.is_contiguous() and scaled.is_contiguous()
+    args = lambda r0, r1: (int(qtype), w[r0:r1].data_ptr(), r1 - r0, w.stride(0), u.data_ptr(), u.stride(0),
+                           None if qw is None else qw.data_ptr(), out[r0:r1].data_ptr(), out.stride(0),
+                           scaled[r0:r1].data_ptr())
+    if w.is_cuda:
+        stream = torch.cuda.current_stream(w.device)
+        _check_done(cuda_library().qcv_gptq_superblocks_cuda(*args(0, rows), stream.cuda_stream), qtype, "CUDA GPTQ")
+        return
+    fn = library().qcv_gptq_superblocks
+    threads = threads or default_threads()
+    step = -(-rows // threads)
+    tasks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    for done in _executor(threads).map(lambda t: fn(*args(*t)), tasks):
+        _check_done(done, qtype, "GPTQ sweep")
+
+
+def available(device) -> bool:
+    """Whether the compiled quantizers run on this device (building them on first use)."""
+    kind = getattr(device, "type", device)
+    return (library() if kind == "cpu" else cuda_library() if kind == "cuda" else None) is not None
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -200,15 +247,18 @@ def _tasks(rows: int, cols: int, threads: int) -> list[tuple[int, int]]:
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def quantize(x: np.ndarray, qtype: T, imatrix: np.ndarray | None, out: np.ndarray, threads: int) -> None:
-    """x float32 [rows, cols] (C order) -> out uint8 [rows, row bytes], rows split over `threads`."""
+def quantize(x: np.ndarray, qtype: T, imatrix: np.ndarray | None, out: np.ndarray, threads: int,
+             sigma2: np.ndarray | None = None) -> None:
+    """x float32 [rows, cols] (C order) -> out uint8 [rows, row bytes], rows split over `threads`.
+    sigma2: the rows' mean squares for the 32-value types' importance weights (None: from x)."""
     fn = library().qcv_quantize_rows
     rows, cols = x.shape
     qw = None if imatrix is None else imatrix.ctypes.data
 
     def run(task: tuple[int, int]) -> None:
         r0, r1 = task
-        if fn(int(qtype), x[r0:r1].ctypes.data, r1 - r0, cols, qw, out[r0:r1].ctypes.data) < 0:
+        s2 = None if sigma2 is None else sigma2[r0:r1].ctypes.data
+        if fn(int(qtype), x[r0:r1].ctypes.data, r1 - r0, cols, qw, s2, out[r0:r1].ctypes.data) < 0:
             raise ValueError(f"{qtype.name}: not in the C quantizers")
 
     tasks = _tasks(rows, cols, threads)
