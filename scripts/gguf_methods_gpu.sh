@@ -22,9 +22,9 @@ failed = []
 for qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0):
     for im in (importance(h), None):
         compiled = sweep(w.clone(), u, qtype, im)
-        native._cuda_lib, saved = None, native._cuda_lib
+        saved, native._built["cuda"] = native._built["cuda"], None
         same = torch.equal(compiled, sweep(w.clone(), u, qtype, im))
-        native._cuda_lib = saved
+        native._built["cuda"] = saved
         print(f"GPTQ sweep on CUDA, {qtype.name} {'imatrix' if im is not None else 'plain'}: "
               f"{'same bytes as PyTorch' if same else 'DIFFERENT'}")
         failed += [] if same else [qtype.name]

@@ -65,7 +65,7 @@ def test_the_compiled_sweep_gives_the_pytorch_sweeps_bytes(qtype, with_imatrix, 
     u = inverse_cholesky([h.flip(0, 1).contiguous()], 0.01)  # column-major, as in the algorithm
     assert native.available(torch.device("cpu"))
     compiled = sweep(w.clone(), u, qtype, imatrix)
-    monkeypatch.setattr(native, "_lib", None)  # no C library: the PyTorch quantizers and rounding hook
+    monkeypatch.setitem(native._built, "cpu", None)  # no C library: the PyTorch quantizers and rounding hook
     assert not native.available(torch.device("cpu"))
     assert torch.equal(compiled, sweep(w.clone(), u, qtype, imatrix))
 

@@ -141,8 +141,7 @@ def test_bad_arguments_raise_value_error():
 
 
 def test_without_a_compiler_the_torch_quantizers_take_over(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_built", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("QCONVERT_CACHE", str(tmp_path))
     x = torch.from_numpy(X[:4])

@@ -95,13 +95,20 @@ QFN void qx_terms(int n, int nmax, const float *x, const float *wx, const float 
     }
 }
 
-/* symmetric; candidate inverse scales -(nmax + 0.1*is)/max; weights qw (x^2 when NULL); L in [0, 2*nmax) */
-QFN float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
-    float max = 0, amax = 0;
+/* the first value of largest magnitude (0 when all are 0); *amax its magnitude */
+QFN float first_absmax(const float *x, int n, float *amax) {
+    float max = 0;
+    *amax = 0;
     for (int i = 0; i < n; ++i) {
         float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
+        if (ax > *amax) { *amax = ax; max = x[i]; }
     }
+    return max;
+}
+
+/* symmetric; candidate inverse scales -(nmax + 0.1*is)/max; weights qw (x^2 when NULL); L in [0, 2*nmax) */
+QFN float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+    float amax, max = first_absmax(x, n, &amax);
     if (amax < GROUP_MAX_EPS) {
         memset(L, 0, n);
         return 0.f;
@@ -133,11 +140,7 @@ QFN float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float
 
 /* symmetric with coordinate refinement (weights x^2); L in [0, 2*nmax) */
 QFN float make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
+    float amax, max = first_absmax(x, n, &amax);
     if (amax < GROUP_MAX_EPS) {
         memset(L, 0, n);
         return 0.f;
@@ -329,10 +332,7 @@ QFN void put_high_bits(const int *q, uint8_t *qh) {
 
 /* Q4_0 (nmax 8) and Q5_0 (nmax 16) without an imatrix */
 QFN void sym_ref_block(const float *x, uint8_t *y, int nmax) {
-    float amax = 0, max = 0;
-    for (int j = 0; j < QK; ++j) {
-        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
-    }
+    float amax, max = first_absmax(x, QK, &amax);
     float d = max / -nmax;
     float id = d ? 1.0f / d : 0.0f;
     int q[QK];
@@ -368,15 +368,21 @@ QFN float row_sigma2(const float *x, int64_t n) {
     return s / n;
 }
 
-QFN void legacy_weights(const float *x, const float *qw, float sigma2, float *w) {
-    for (int j = 0; j < QK; ++j) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+/* llama.cpp's importance weights qw * sqrt(sigma2 + x^2) into w [n]; returns their sum, left to right */
+QFN float importance_weights(const float *x, const float *qw, float sigma2, int n, float *w) {
+    float sum = 0;
+    for (int j = 0; j < n; ++j) {
+        w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+        sum += w[j];
+    }
+    return sum;
 }
 
 QFN void sym_imatrix_block(const float *x, const float *qw, float sigma2, uint8_t *y, int nmax) {
     float w[QK];
     int8_t L[QK];
     int q[QK];
-    legacy_weights(x, qw, sigma2, w);
+    importance_weights(x, qw, sigma2, QK, w);
     float d = make_qx_quants(QK, nmax, x, L, w);
     for (int j = 0; j < QK; ++j) q[j] = L[j];
     put_f16(y, d);
@@ -388,7 +394,7 @@ QFN void affine_imatrix_block(const float *x, const float *qw, float sigma2, uin
     float w[QK], the_min;
     uint8_t L[QK], Laux[QK];
     int q[QK];
-    legacy_weights(x, qw, sigma2, w);
+    importance_weights(x, qw, sigma2, QK, w);
     float d = make_qkx(QK, nmax, x, w, L, &the_min, Laux, -0.9f, 0.05f, 36, 0);
     for (int j = 0; j < QK; ++j) q[j] = L[j];
     put_f16(y, d);
@@ -479,12 +485,7 @@ QFN void q2_K_block(const float *x, const float *qw, uint8_t *y, const Compensat
         float sigma2 = super_sum_x2(x) / QK_K;
         uint8_t Ls[16], Lm[16];
         for (int j = 0; j < 16; ++j) {
-            float sumw = 0;
-            for (int l = 0; l < 16; ++l) {
-                w[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
-                sumw += w[l];
-            }
-            sw[j] = sumw;
+            sw[j] = importance_weights(x + 16 * j, qw + 16 * j, sigma2, 16, w);
             scales[j] = make_qkx(16, 3, x + 16 * j, w, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
         }
         float dm = make_qp_quants(16, 15, scales, Ls, sw);
@@ -541,12 +542,7 @@ QFN void q3_K_block(const float *x, const float *qw, uint8_t *y, const Compensat
         float w[16], sw[16];
         int8_t Ls[16];
         for (int j = 0; j < 16; ++j) {
-            float sumw = 0;
-            for (int l = 0; l < 16; ++l) {
-                w[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
-                sumw += w[l];
-            }
-            sw[j] = sumw;
+            sw[j] = importance_weights(x + 16 * j, qw + 16 * j, sigma2, 16, w);
             scales[j] = make_qx_quants(16, 4, x + 16 * j, L + 16 * j, w);
         }
         dsc = make_qx_quants(16, 32, scales, Ls, sw);
@@ -614,12 +610,7 @@ QFN void q45_K_block(const float *x, const float *qw, uint8_t *y, int nmax, cons
     } else {
         float sigma2 = 2 * super_sum_x2(x) / QK_K, sw[8];
         for (int j = 0; j < 8; ++j) {
-            float sumw = 0;
-            for (int l = 0; l < 32; ++l) {
-                w[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
-                sumw += w[l];
-            }
-            sw[j] = sumw;
+            sw[j] = importance_weights(x + 32 * j, qw + 32 * j, sigma2, 32, w);
             scales[j] = make_qkx(32, nmax, x + 32 * j, w, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
         }
         dsc = make_qp_quants(8, 63, scales, ls, sw);

@@ -37,11 +37,8 @@ TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_
 _TASK_ELEMENTS = 1 << 18
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
+_built: dict[str, ctypes.CDLL | None] = {}  # "cpu" / "cuda": the library, or None where it cannot be had
 _pool: ThreadPoolExecutor | None = None
-_cuda_lib: ctypes.CDLL | None = None
-_cuda_tried = False
 # the same float32 rounding as the CPU build: no contraction into fused multiply-adds, IEEE div and sqrt
 CUDA_FLAGS = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-fmad=false", "-prec-div=true", "-prec-sqrt=true",
               "-ftz=false", "-arch=native"]
@@ -107,28 +104,31 @@ def _key(*parts: bytes) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
+def _once(name: str, build) -> ctypes.CDLL | None:
+    """build() the first time (None when QCONVERT_NATIVE=0), the same library every later time."""
+    with _lock:
+        if name not in _built:
+            _built[name] = None if os.environ.get("QCONVERT_NATIVE", "1") == "0" else build()
+        return _built[name]
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled quantizers, or None (disabled, or no working compiler: a warning says why once)."""
-    global _lib, _tried
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("QCONVERT_NATIVE", "1") == "0":
-            return None
-        key = _key(SOURCE.read_bytes(), " ".join(FLAGS + _compiler()).encode(), platform.machine().encode(), _cpu())
-        portable = [f for f in FLAGS if f != "-march=native"]  # for a compiler without -march=native
-        lib = _load(_cache_dir() / f"gguf-quants-{key}.so",
-                    [[*_compiler(), *flags, str(SOURCE), "-o"] for flags in (FLAGS, portable)], "C")
-        if lib is None:
-            return None
+    return _once("cpu", _build_cpu)
+
+
+def _build_cpu() -> ctypes.CDLL | None:
+    key = _key(SOURCE.read_bytes(), " ".join(FLAGS + _compiler()).encode(), platform.machine().encode(), _cpu())
+    portable = [f for f in FLAGS if f != "-march=native"]  # for a compiler without -march=native
+    lib = _load(_cache_dir() / f"gguf-quants-{key}.so",
+                [[*_compiler(), *flags, str(SOURCE), "-o"] for flags in (FLAGS, portable)], "C")
+    if lib is not None:
         fn = lib.qcv_quantize_rows
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_void_p]
         _gptq_signature(lib.qcv_gptq_superblocks)
-        _lib = lib
-        return lib
+    return lib
 
 
 def _nvcc() -> str | None:
@@ -141,33 +141,29 @@ def _nvcc() -> str | None:
 
 def cuda_library() -> ctypes.CDLL | None:
     """native_cuda.cu built with nvcc for this GPU, or None (disabled, no nvcc: a warning says why once)."""
-    global _cuda_lib, _cuda_tried
+    return _once("cuda", _build_cuda)
+
+
+def _build_cuda() -> ctypes.CDLL | None:
     import torch
 
-    with _lock:
-        if _cuda_tried:
-            return _cuda_lib
-        _cuda_tried = True
-        nvcc = _nvcc()
-        if os.environ.get("QCONVERT_NATIVE", "1") == "0" or nvcc is None:
-            if nvcc is None:
-                log.warning("GGUF CUDA quantizers unavailable (no nvcc); using the slower PyTorch ones")
-            return None
-        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-        key = _key(SOURCE.read_bytes(), CUDA_SOURCE.read_bytes(), " ".join(CUDA_FLAGS).encode(), version.encode(),
-                   str(torch.cuda.get_device_capability()).encode())
-        older = [f for f in CUDA_FLAGS if f != "-arch=native"]  # nvcc before 11.6: PTX for the driver to compile
-        lib = _load(_cache_dir() / f"gguf-quants-cuda-{key}.so",
-                    [[nvcc, *flags, str(CUDA_SOURCE), "-o"] for flags in (CUDA_FLAGS, older)], "CUDA")
-        if lib is None:
-            return None
+    nvcc = _nvcc()
+    if nvcc is None:
+        log.warning("GGUF CUDA quantizers unavailable (no nvcc); using the slower PyTorch ones")
+        return None
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = _key(SOURCE.read_bytes(), CUDA_SOURCE.read_bytes(), " ".join(CUDA_FLAGS).encode(), version.encode(),
+               str(torch.cuda.get_device_capability()).encode())
+    older = [f for f in CUDA_FLAGS if f != "-arch=native"]  # nvcc before 11.6: PTX for the driver to compile
+    lib = _load(_cache_dir() / f"gguf-quants-cuda-{key}.so",
+                [[nvcc, *flags, str(CUDA_SOURCE), "-o"] for flags in (CUDA_FLAGS, older)], "CUDA")
+    if lib is not None:
         fn = lib.qcv_quantize_rows_cuda
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _gptq_signature(lib.qcv_gptq_superblocks_cuda, stream=True)
-        _cuda_lib = lib
-        return lib
+    return lib
 
 
 def _gptq_signature(fn, stream: bool = False) -> None:
