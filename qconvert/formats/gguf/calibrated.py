@@ -20,13 +20,12 @@ from qconvert.formats.gguf.convert import GGUFPlan, TensorSpec
 from qconvert.formats.gguf.convert.tensors import _permute
 
 FLOATS = (Q.F32, Q.F16, Q.BF16)
-_ROW_MOVES = {"stack", "slice", "permute"}
 
 
 def _row_range(spec: TensorSpec, rows: int) -> tuple[int, int] | None:
     """The checkpoint rows of a GGUF tensor made of whole rows of one tensor (each of its hf_names when
     stacked), or None when its transform does anything else."""
-    if not spec.hf_names or {op[0] for op in spec.transform} - _ROW_MOVES:
+    if not spec.hf_names or not spec.moves_only:
         return None
     slices = [op for op in spec.transform if op[0] == "slice"]
     if not slices:

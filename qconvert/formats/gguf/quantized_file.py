@@ -117,8 +117,7 @@ def read_values(spec: TensorSpec, loader: Callable[[str], torch.Tensor], interme
         return t
 
     values = tensor_data(spec, recording)
-    moved_only = all(op[0] in ("stack", "slice", "permute") for op in spec.transform)
-    return values, moved_only and bool(dtypes) and all(d == _ROUND.get(intermediate) for d in dtypes)
+    return values, spec.moves_only and bool(dtypes) and all(d == _ROUND.get(intermediate) for d in dtypes)
 
 
 def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imatrix: Imatrix | None,

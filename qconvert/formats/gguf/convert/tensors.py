@@ -68,6 +68,11 @@ class TensorSpec:
     def n_elements(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def moves_only(self) -> bool:
+        """Its transforms only move the checkpoint's values (stack, slice, permute): no arithmetic."""
+        return all(op[0] in ("stack", "slice", "permute") for op in self.transform)
+
 
 # ---------------------------------------------------------------------------------------------------
 # checkpoint index

@@ -211,10 +211,7 @@ def gptq_superblocks(w, u, qtype: T, qw, out, scaled, threads: int | None = None
         _check_done(cuda_library().qcv_gptq_superblocks_cuda(*args(0, rows), stream.cuda_stream), qtype, "CUDA GPTQ")
         return
     fn = library().qcv_gptq_superblocks
-    threads = threads or default_threads()
-    step = -(-rows // threads)
-    tasks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    for done in _executor(threads).map(lambda t: fn(*args(*t)), tasks):
+    for done in _over_rows(lambda r0, r1: fn(*args(r0, r1)), rows, w.shape[1], threads or default_threads()):
         _check_done(done, qtype, "GPTQ sweep")
 
 
@@ -235,6 +232,14 @@ def _executor(threads: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _over_rows(call, rows: int, cols: int, threads: int) -> list:
+    """call(r0, r1) over row ranges (see _tasks), on the pool when there is more than one thread."""
+    tasks = _tasks(rows, cols, threads)
+    if threads <= 1 or len(tasks) == 1:
+        return [call(*t) for t in tasks]
+    return list(_executor(threads).map(lambda t: call(*t), tasks))
+
+
 def _tasks(rows: int, cols: int, threads: int) -> list[tuple[int, int]]:
     """Row ranges of equal size, a multiple of `threads` of them (none idle at the end)."""
     per_round = threads * _TASK_ELEMENTS
@@ -251,15 +256,9 @@ def quantize(x: np.ndarray, qtype: T, imatrix: np.ndarray | None, out: np.ndarra
     rows, cols = x.shape
     qw = None if imatrix is None else imatrix.ctypes.data
 
-    def run(task: tuple[int, int]) -> None:
-        r0, r1 = task
+    def run(r0: int, r1: int) -> int:
         s2 = None if sigma2 is None else sigma2[r0:r1].ctypes.data
-        if fn(int(qtype), x[r0:r1].ctypes.data, r1 - r0, cols, qw, s2, out[r0:r1].ctypes.data) < 0:
-            raise ValueError(f"{qtype.name}: not in the C quantizers")
+        return fn(int(qtype), x[r0:r1].ctypes.data, r1 - r0, cols, qw, s2, out[r0:r1].ctypes.data)
 
-    tasks = _tasks(rows, cols, threads)
-    if threads <= 1 or len(tasks) == 1:
-        for task in tasks:
-            run(task)
-        return
-    list(_executor(threads).map(run, tasks))
+    for done in _over_rows(run, rows, cols, threads):
+        _check_done(done, qtype, "C quantizer")
