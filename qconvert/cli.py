@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ Dataset = Annotated[str, typer.Option("--dataset", help="Calibration text: bundl
                                      "file, hf:NAME[:CONFIG][:SPLIT], or a .pt tensor of token ids [windows, seq_len].")]
 Format = Annotated[str, typer.Option("--format", help="Output layout: gptq, compressed-tensors or marlin (4-bit "
                                      "symmetric, group 128 or -1, no act-order g_idx); a,b writes both from one pass.")]
+Gpus = Annotated[int, typer.Option("--gpus", min=1, help="Processes for data-parallel calibration, one per GPU "
+                                   "(gloo processes with --device cpu), started through torch.distributed.run.")]
 KVCache = Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: calibrate per-tensor FP8 key and value "
                                                "scales for the KV cache (compressed-tensors or fp8 layouts).")]
 
@@ -62,6 +65,36 @@ def _command_line(ctx: typer.Context) -> str:
 
 def _default_output(model: str, suffix: str) -> Path:
     return Path(f"{Path(model).name or 'model'}-{suffix}")
+
+
+def _spread(ctx: typer.Context, gpus: int, device: str) -> None:
+    """--gpus N: run this same command as N torch.distributed processes (torchrun) and exit with their status."""
+    import subprocess
+
+    from qconvert import distributed
+
+    if gpus == 1 or distributed.launched():
+        return
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise QConvertError(f"--gpus {gpus}: {torch.cuda.device_count()} CUDA device(s) here "
+                                "(--device cpu runs that many CPU processes)")
+    argv, args = ctx.obj["argv"], []
+    skip = False
+    for a in argv:  # the same command without --gpus
+        if skip or a.startswith("--gpus="):
+            skip = False
+            continue
+        skip = a == "--gpus"
+        if not skip:
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+           "-m", "qconvert", *args]
+    # torchrun would give each process one CPU thread: reading and casting the checkpoint needs more
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // gpus)), **os.environ}
+    raise typer.Exit(subprocess.run(cmd, env=env).returncode)
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
@@ -91,11 +124,13 @@ def rtn(
     seed: Seed = 0,
     kv: KVCache = None,
     device: Device = "auto",
+    gpus: Gpus = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
     """Round-to-nearest weight-only int4/int8, written as compressed-tensors pack-quantized (or Marlin)."""
+    _spread(ctx, gpus, device)
     from qconvert.algorithms.rtn import RTNConfig
     from qconvert.pipeline import Request
 
@@ -130,11 +165,13 @@ def gptq(
     seed: Seed = 0,
     kv: KVCache = None,
     device: Device = "auto",
+    gpus: Gpus = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
     """GPTQ: Hessian-based error compensation, written as GPTQ v1 or compressed-tensors."""
+    _spread(ctx, gpus, device)
     from qconvert.algorithms.gptq import GPTQConfig
     from qconvert.pipeline import Calibration, Request
 
@@ -163,11 +200,13 @@ def awq(
     seed: Seed = 0,
     kv: KVCache = None,
     device: Device = "auto",
+    gpus: Gpus = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
     """AWQ: activation-aware scales and clipping, written as AutoAWQ GEMM or compressed-tensors."""
+    _spread(ctx, gpus, device)
     from qconvert.algorithms.awq import AWQConfig
     from qconvert.pipeline import Calibration, Request
 
@@ -194,11 +233,13 @@ def fp8(
     seed: Seed = 0,
     kv: KVCache = None,
     device: Device = "auto",
+    gpus: Gpus = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
     """FP8 (e4m3) weights and activations, W8A8, for Hopper/Ada GPUs (vLLM, SGLang)."""
+    _spread(ctx, gpus, device)
     from qconvert.algorithms.fp8 import FP8Config
     from qconvert.pipeline import Request
 
@@ -225,11 +266,13 @@ def int8(
     seed: Seed = 0,
     kv: KVCache = None,
     device: Device = "auto",
+    gpus: Gpus = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
     """INT8 W8A8: int8 weights per channel, int8 activations per token, as compressed-tensors int-quantized."""
+    _spread(ctx, gpus, device)
     from qconvert.algorithms.int8 import INT8Config
     from qconvert.pipeline import Request
 
@@ -249,9 +292,15 @@ def _convert(request, quiet: bool, json_out: bool) -> None:
 
     check_output(request.output, request.overwrite)  # fail before any loading
     layers = Checkpoint(resolve_model(request.model)).config_dict.get("num_hidden_layers", 0)
-    with layer_progress(layers, f"{request.method} {request.model}", quiet) as on_layer:
+    with layer_progress(layers, f"{request.method} {request.model}", quiet or not _leads()) as on_layer:
         summary = run(request, on_layer)
-    _print_summary(summary, json_out)
+    if summary is not None:  # None: a process of a distributed run that does not write
+        _print_summary(summary, json_out)
+
+
+def _leads() -> bool:
+    """The process that reports: the only one, or rank 0 of a distributed run."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @app.command()
@@ -272,6 +321,7 @@ def gguf(
     seq_len: SeqLen = 512,
     seed: Seed = 0,
     device: Device = "auto",
+    gpus: Gpus = 1,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU quantizer threads (0: every core).")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -279,6 +329,7 @@ def gguf(
 ):
     """One step from a Hugging Face checkpoint to a GGUF file llama.cpp and Ollama run (byte-identical to
     llama.cpp's converter + llama-quantize)."""
+    _spread(ctx, gpus, device)
     from qconvert.gguf_pipeline import GGUFRequest, parse_type, run
     from qconvert.model.checkpoint import Checkpoint, resolve_model
     from qconvert.output import check_output
@@ -293,9 +344,12 @@ def gguf(
                           threads)
     config = Checkpoint(resolve_model(model)).config_dict
     calibrating = imatrix or method in ("imatrix", "gptq")
+    quiet = quiet or not _leads()
     with layer_progress(config.get("num_hidden_layers", 0), method, quiet or not calibrating) as on_layer, \
             tensor_progress(None, f"gguf {type_name}", quiet) as on_tensor:
         summary = run(request, on_layer, on_tensor)
+    if summary is None:
+        return
     if json_out:
         stdout.print_json(json.dumps(summary))
         return

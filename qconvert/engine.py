@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from qconvert import distributed
 from qconvert.algorithms import Algorithm, InputSet, algorithm_for
 from qconvert.errors import QConvertError
 from qconvert.formats.fanout import scale_dtypes
 from qconvert.kv_cache import KVObserver, scale_names
 from qconvert.model.architectures import Architecture
 from qconvert.model.blocks import (
+    block_file_names,
     build_skeleton,
     capture_block_inputs,
     decoder_blocks,
@@ -30,9 +32,11 @@ from qconvert.model.blocks import (
     load_block,
     read_block,
     run_block,
+    set_param,
     unload_block,
 )
 from qconvert.model.checkpoint import Checkpoint
+from qconvert.model.moe import unfuse_experts
 from qconvert.quantized import FP8Tensor, QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,25 @@ def preflight(ckpt: Checkpoint, arch: Architecture, config) -> int:
     if count == 0:
         raise QConvertError(f"{ckpt.path}: no linear layer to quantize was found under '{arch.layers}'")
     return count
+
+
+def _weight_error(qt, w: torch.Tensor, rows: int = 4096) -> float:
+    """_relative_error of the dequantized result, a slab of rows at a time where the result can be sliced
+    (a 28672-row linear's dequantized float32 copy is a gigabyte)."""
+    if not isinstance(qt, QuantizedTensor):
+        return _relative_error(qt.dequantize().to(w.device), w)
+    num = den = 0.0
+    for r in range(0, w.shape[0], rows):
+        part, ref = qt.rows(slice(r, r + rows)).dequantize().to(w.device).float(), w[r:r + rows].float()
+        num += float((part - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def _reduce(stats, ranks: distributed.Ranks) -> None:
+    """Combine a statistic over the ranks (each saw its own share of the calibration windows)."""
+    if ranks.active and stats is not None:
+        stats.reduce(ranks)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,16 +226,22 @@ def convert(
     preflight(ckpt, arch, config)
     algorithm = algorithm_for(config, arch)
     on_gpu = options.device.type == "cuda"
+    ranks = distributed.current()
+    tokens = _share_of(tokens, ranks)
     reports = []
     with ThreadPoolExecutor(max_workers=4) as pool:
         # the GPU libraries and kernels load while the CPU builds the model and embeds the calibration
         # tokens (the model's kernels and the algorithm's in two threads: each takes about a second);
         # the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
         # meanwhile, and each block is read while the one before it computes
-        background = [pool.submit(_write_outside_blocks, ckpt, arch, writer, _reserve_outside_blocks(ckpt, arch, writer))]
+        background = []
+        if ranks.writes:
+            outside = _reserve_outside_blocks(ckpt, arch, writer)
+            background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
         if on_gpu and tokens is not None:
-            background += [pool.submit(_warm_up, options), pool.submit(algorithm.warm_up, options.device)]
-        upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu)
+            background += [pool.submit(_on, options.device, _warm_up, options),
+                           pool.submit(_on, options.device, algorithm.warm_up, options.device)]
+        upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu) if tokens is not None else None
         model = build_skeleton(ckpt, arch, options.dtype)
         blocks = decoder_blocks(model, arch)
         inputs = None
@@ -220,12 +249,15 @@ def convert(
             inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
         for index, block in enumerate(blocks):
             start = time.perf_counter()
-            stored = upcoming.result()
-            if index + 1 < len(blocks):
-                upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
-            originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
-            del stored
-            report = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache).run(originals)
+            if inputs is None:
+                report = _stream_block(block, index, ckpt, arch, algorithm, writer, options.device)
+            else:
+                stored = upcoming.result()
+                if index + 1 < len(blocks):
+                    upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
+                originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
+                del stored
+                report = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache, ranks).run(originals)
             unload_block(block)
             report.seconds = time.perf_counter() - start
             if report.uncalibrated:
@@ -236,6 +268,52 @@ def convert(
         for job in background:
             job.result()
     return reports
+
+
+def _on(device: torch.device, fn, *args):
+    """fn(*args) in a pool thread with `device` as its current GPU: CUDA's current device belongs to a
+    thread, and another rank's thread would otherwise launch on GPU 0."""
+    if device.type != "cuda":
+        return fn(*args)
+    with torch.cuda.device(device):
+        return fn(*args)
+
+
+def _share_of(tokens: torch.Tensor | None, ranks: distributed.Ranks) -> torch.Tensor | None:
+    """This rank's calibration windows (all of them in a single process)."""
+    if tokens is None or not ranks.active:
+        return tokens
+    if tokens.shape[0] < ranks.world:
+        raise QConvertError(f"{tokens.shape[0]} calibration window(s) for {ranks.world} processes: give each "
+                            "at least one (--samples)")
+    return ranks.samples(tokens)
+
+
+def _stream_block(block, index: int, ckpt: Checkpoint, arch: Architecture, algorithm: Algorithm, writer,
+                  device: torch.device) -> LayerReport:
+    """Without calibration nothing runs through a block: each input set is read, quantized, written and
+    dropped in turn, in the checkpoint's dtype, so memory holds about one linear at a time (a checkpoint
+    larger than RAM converts)."""
+    if arch.moe:
+        unfuse_experts(block, arch.moe)
+    files = block_file_names(ckpt, arch, index)
+    step = _BlockStep(block, index, arch, algorithm, writer, None)
+    weights = [f"{n}.weight" for s in step.sets for n in s.names]
+    missing = [arch.to_file(f"{step.prefix}{n}") for n in weights if n not in files]
+    if missing:
+        raise QConvertError(f"{ckpt.path}: layer {index} lacks {', '.join(missing[:3])}")
+    dtypes = scale_dtypes(getattr(writer, "writers", [writer]), ckpt.torch_dtype(files[weights[0]]))
+    for s in step.sets:
+        names = [f"{n}.weight" for n in s.names]
+        stored = ckpt.load([files[n] for n in names])
+        for n in names:
+            set_param(block, n, stored.pop(files[n]).to(device))
+        step._apply(s, dtypes, *step._quantize([s], {}, dtypes)[s.key], keep=False)
+        for lin in s.linears:
+            lin.to("meta")
+    for name in sorted(set(files) - set(weights)):
+        writer.add_tensor(files[name], ckpt.get(files[name]))
+    return step.report
 
 
 def _warm_up(options: EngineOptions) -> None:
@@ -276,9 +354,10 @@ class _BlockStep:
     """One loaded block through the algorithm: reference pass, rewrite, quantization group by group,
     writing, and the pass that yields the next block's inputs."""
 
-    def __init__(self, block, index: int, arch: Architecture, algorithm: Algorithm, writer, inputs, kv_cache=False):
+    def __init__(self, block, index: int, arch: Architecture, algorithm: Algorithm, writer, inputs, kv_cache=False,
+                 ranks: distributed.Ranks = distributed.Ranks()):
         self.block, self.index, self.arch, self.algorithm = block, index, arch, algorithm
-        self.writer, self.inputs, self.kv_cache = writer, inputs, kv_cache
+        self.writer, self.inputs, self.kv_cache, self.ranks = writer, inputs, kv_cache, ranks
         self.prefix = f"{arch.layers}.{index}."
         self.groups = arch.linear_groups(block)
         self.sets = input_sets(self.groups, lambda name: arch.to_file(f"{self.prefix}{name}.weight"))
@@ -292,11 +371,18 @@ class _BlockStep:
         changed = self.algorithm.transform(self.block, self.sets) if calibrated else set()
         if changed:  # the statistics of the reference pass describe the block before its rewrite
             stats = self._group_statistics(0 if self.algorithm.sequential else None)
+        # the scale dtype of each layout written (one quantize() per distinct one)
+        dtypes = scale_dtypes(getattr(self.writer, "writers", [self.writer]),
+                              originals[f"{self.sets[0].names[0]}.weight"].dtype)
         for gi in range(len(self.groups)):
             if calibrated and self.algorithm.sequential and gi > 0:
                 stats = self._group_statistics(gi)
-            for s in (s for s in self.sets if s.group == gi):
-                self._quantize(s, stats.pop(s.key, None), originals)
+            sets = [s for s in self.sets if s.group == gi]
+            for s in sets:  # the same order on every rank: each reduction is a collective
+                _reduce(stats.get(s.key), self.ranks)
+            results = self._quantize(sets, stats, dtypes)
+            for s in sets:
+                self._apply(s, dtypes, *results[s.key])
         self._write_rest(originals, changed)
         if calibrated:
             self._advance(reference, originals)
@@ -314,6 +400,9 @@ class _BlockStep:
         reference = run_block(self.block, self.index, self.inputs, keep=ERROR_BATCHES)
         for h in handles:
             h.remove()
+        counts = self.ranks.add([o.tokens for o in self.seen.values()])
+        for obs, n in zip(self.seen.values(), counts):
+            obs.tokens = int(n)
         return stats, reference
 
     def _group_statistics(self, gi: int | None) -> dict:
@@ -331,14 +420,27 @@ class _BlockStep:
             h.remove()
         return stats
 
-    def _quantize(self, s: InputSet, stats, originals) -> None:
-        """Quantize one input set, write it, and put its dequantized weights back into the block (those
-        of the first writer, when one pass is written in several layouts)."""
+    def _quantize(self, sets: list[InputSet], stats: dict, dtypes: list[torch.dtype]) -> dict:
+        """Quantize one group's input sets: {key: ({scale dtype: results}, seconds per linear)}. Among several
+        ranks each set is quantized by one of them and shared, unless the algorithm divides its own work."""
+
+        def quantize(s: InputSet):
+            start = time.perf_counter()
+            set_stats = stats.pop(s.key, None)
+            results = {d: self.algorithm.quantize(s, set_stats, d) for d in dict.fromkeys(dtypes)}
+            return results, (time.perf_counter() - start) / len(s.names) / len(results)
+
+        if not self.ranks.active or self.algorithm.divides_work:
+            return {s.key: quantize(s) for s in sets}
+        owners = self.ranks.owners([sum(lin.weight.numel() for lin in s.linears) for s in sets])
+        mine = {s.key: quantize(s) for s, r in zip(sets, owners) if r == self.ranks.rank}
+        return {s.key: self.ranks.share(mine.get(s.key), r) for s, r in zip(sets, owners)}
+
+    def _apply(self, s: InputSet, dtypes: list[torch.dtype], results: dict, seconds: float, keep=True) -> None:
+        """Write one input set's results and put its dequantized weights back into the block (those of the
+        first writer, when one pass is written in several layouts; keep=False: nothing runs the block
+        again, so nothing is put back)."""
         writers = getattr(self.writer, "writers", [self.writer])
-        dtypes = scale_dtypes(writers, originals[f"{s.names[0]}.weight"].dtype)
-        start = time.perf_counter()
-        results = {d: self.algorithm.quantize(s, stats, d) for d in dict.fromkeys(dtypes)}
-        seconds = (time.perf_counter() - start) / len(s.names) / len(results)
         sample = self.samples.get(s.key)
         for i, (name, lin) in enumerate(zip(s.names, s.linears)):
             for w, d in zip(writers, dtypes):
@@ -347,11 +449,14 @@ class _BlockStep:
             tokens_seen = None if self.seen is None else self.seen[name].tokens
             if tokens_seen == 0:
                 self.report.uncalibrated.append(name)
-            dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
-            self.report.linears[name] = LinearReport(
-                _relative_error(dq, lin.weight), tokens_seen, sample and sample.output_error(lin.weight, dq),
-                *bits_and_group(qt), round(seconds, 4))
-            lin.weight.data = dq
+            if keep:
+                dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+                error, output_error = _relative_error(dq, lin.weight), sample and sample.output_error(lin.weight, dq)
+                lin.weight.data = dq
+            else:
+                error, output_error = _weight_error(qt, lin.weight), None
+            self.report.linears[name] = LinearReport(error, tokens_seen, output_error, *bits_and_group(qt),
+                                                     round(seconds, 4))
 
     def _write_rest(self, originals: dict[str, torch.Tensor], changed: set[str]) -> None:
         """The block's other tensors: as stored, or from the block where the algorithm rewrote them."""
@@ -371,12 +476,14 @@ class _BlockStep:
         observer = KVObserver() if self.kv_cache else None
         outputs = run_block(self.block, self.index, self.inputs, cache=observer and observer.cache())
         if observer is not None:
+            observer.reduce(self.ranks)
             dtype = originals[f"{self.sets[0].names[0]}.weight"].dtype  # the checkpoint's weight dtype
             names = scale_names(self.arch.layers, self.index)
             for key, scale in observer.scales(dtype).items():
                 self.writer.add_tensor(self.arch.to_file(names[key]), scale)
         num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
         den = sum(float(r.float().pow(2).sum()) for r in reference)
+        num, den = self.ranks.add([num, den])
         self.report.output_error = num / max(den, 1e-30)
         self.inputs.hidden = outputs
 
@@ -391,7 +498,10 @@ def calibrate(
     on_layer: Callable[[LayerReport], None] = lambda r: None,
 ) -> dict[str, Observation]:
     """Run the calibration data through the unquantized model block by block and return what
-    every linear saw, keyed by its checkpoint weight name (lm_head's input included)."""
+    every linear saw, keyed by its checkpoint weight name (lm_head's input included); among several
+    ranks, what all of them saw."""
+    ranks = distributed.current()
+    tokens = _share_of(tokens, ranks)
     model = build_skeleton(ckpt, arch, options.dtype)
     blocks = decoder_blocks(model, arch)
     inputs = capture_block_inputs(model, ckpt, arch, tokens, options.batch_size, options.device, options.dtype)
@@ -405,6 +515,7 @@ def calibrate(
         for h in handles:
             h.remove()
         unload_block(block)
+        _reduce_observations(seen.values(), ranks)
         for name, obs in seen.items():
             observed[arch.to_file(f"{arch.layers}.{index}.{name}.weight")] = obs
         report = LayerReport(index, time.perf_counter() - start,
@@ -417,5 +528,13 @@ def calibrate(
         x = norm(hidden)
         obs.tokens += x.numel() // x.shape[-1]
         obs.stats.update(x)
+    _reduce_observations([obs], ranks)
     observed["lm_head.weight"] = obs
     return observed
+
+
+def _reduce_observations(observations, ranks: distributed.Ranks) -> None:
+    observations = list(observations)
+    for obs, n in zip(observations, ranks.add([o.tokens for o in observations])):
+        obs.tokens = int(n)
+        _reduce(obs.stats, ranks)

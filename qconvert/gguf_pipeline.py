@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 
-from qconvert import __version__
+from qconvert import __version__, distributed
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import imatrix as imx
 from qconvert.formats.gguf import quantized_file
@@ -17,7 +17,7 @@ from qconvert.formats.gguf.convert import GGUFPlan, plan, write_gguf
 from qconvert.formats.gguf.mixtures import FILE_TYPES
 from qconvert.model.checkpoint import Checkpoint, resolve_model
 from qconvert.output import staged_file, write_json_atomically
-from qconvert.pipeline import Calibration, calibration_tokens, resolve_device
+from qconvert.pipeline import Calibration, Discard, calibration_tokens, resolve_device
 
 # The calibrated methods import the engine (and transformers' modelling code, seconds of start-up) when
 # they run: a plain conversion never needs them.
@@ -94,10 +94,9 @@ def check_method(req: GGUFRequest, type_name: str) -> None:
                             "drop --imatrix / --imatrix-file")
 
 
-def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype: None) -> dict:
+def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype: None) -> dict | None:
     start = time.perf_counter()
     type_name = parse_type(req.type)
-    is_float = type_name in FLOAT_OUTPUTS
     if req.method == "imatrix" and not req.imatrix_file:
         req = replace(req, imatrix=True)
     check_method(req, type_name)
@@ -105,8 +104,22 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
     source = resolve_model(req.model)
     ckpt = Checkpoint(source)
     gguf_plan = plan(source)
-    if req.imatrix:
-        importance = collect_imatrix(ckpt, gguf_plan, req.calibration, req.device, on_layer)
+    ranks = distributed.start(resolve_device(req.device)[0])
+    try:
+        if req.imatrix:
+            importance = collect_imatrix(ckpt, gguf_plan, req.calibration, req.device, on_layer)
+        if not ranks.writes:  # another process writes; this one calibrated its share
+            if req.method == "gptq":
+                _write_gptq(req, ckpt, gguf_plan, FILE_TYPES[type_name], None, on_layer, on_tensor)
+            return None
+        return _write(req, type_name, source, ckpt, gguf_plan, importance, on_layer, on_tensor, start)
+    finally:
+        distributed.stop()
+
+
+def _write(req: GGUFRequest, type_name: str, source: Path, ckpt: Checkpoint, gguf_plan: GGUFPlan, importance,
+           on_layer, on_tensor, start: float) -> dict:
+    is_float = type_name in FLOAT_OUTPUTS
     if req.save_imatrix and importance is not None:
         imx.write(req.save_imatrix, importance)
     with staged_file(req.output, req.overwrite, source) as tmp:
@@ -126,8 +139,10 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
     return summary
 
 
-def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path, on_layer, on_tensor):
-    """GPTQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's layout."""
+def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path | None, on_layer,
+                on_tensor):
+    """GPTQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's layout
+    (out None: a rank that does not write)."""
     from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
     from qconvert.engine import EngineOptions, convert
     from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
@@ -137,9 +152,11 @@ def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, 
     types = quantized_file.plan_types(gguf_plan, intermediate, ftype, has_imatrix=True)
     config = GGUFGPTQConfig(row_types(gguf_plan, types, ckpt.shape))
     dev, dtype = resolve_device(req.device)
-    store = CalibratedTensors()
+    store = CalibratedTensors() if out is not None else Discard()
     convert(ckpt, architecture_for(ckpt.model_type), config, store, calibration_tokens(ckpt.path, req.calibration),
             EngineOptions(dev, dtype), on_layer)
+    if out is None:
+        return None
     return quantized_file.write(gguf_plan, store.loader(ckpt.get), out, ftype, intermediate, device=dev,
                                 on_tensor=on_tensor, types=types, threads=req.threads or None,
                                 encoded=lambda spec: store.bytes_for(spec, lambda n: ckpt.shape(n)[0]))

@@ -51,6 +51,11 @@ class KVObserver:
 
         return _CacheStandIn(record)
 
+    def reduce(self, ranks) -> None:
+        """The largest over every rank's windows."""
+        if ranks.active:
+            self.amax = list(ranks.max_(torch.stack(self.amax)).unbind())
+
     def scales(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """{"k_scale", "v_scale"}: amax / 448 in `dtype`, rounded up so no calibrated value overflows
         the e4m3 range (an all-zero tensor gets 1)."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qconvert import __version__, kv_cache
+from qconvert import __version__, distributed, kv_cache
 from qconvert.algorithms.fp8 import check_block_shapes
 from qconvert.calibration.datasets import load_texts
 from qconvert.calibration.tokens import calibration_windows, saved_windows
@@ -71,7 +71,7 @@ def resolve_device(spec: str) -> tuple[torch.device, torch.dtype]:
             raise QConvertError(f"--device {spec}: no CUDA device is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise QConvertError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-        return device, torch.bfloat16
+        return distributed.local_device(device), torch.bfloat16
     if device.type != "cpu":
         raise QConvertError(f"--device {spec}: unsupported device type (use auto, cpu, cuda or cuda:N)")
     return device, torch.float32
@@ -171,6 +171,12 @@ def _writer(request: Request, arch, stage: Path):
     return w, lambda: w.finish(IGNORE)
 
 
+def _scale_dtype(fmt: str) -> torch.dtype | None:
+    """The scale dtype a layout's writer stores (None: the model's own)."""
+    writer = {"awq": awq.Writer, "gptq": gptq.Writer, "marlin": marlin.Writer, "fp8": fp8.Writer}.get(fmt)
+    return getattr(writer, "scale_dtype", None)
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -213,9 +219,10 @@ def _check_repeatable(request: Request, arch, writers: list, default_dtype) -> N
                             "quantizes once; convert them separately")
 
 
-def run(request: Request, on_layer=lambda r: None) -> dict:
+def run(request: Request, on_layer=lambda r: None) -> dict | None:
     """Convert request.model into request.output (one folder per layout under it when several are asked
-    for); returns the summary that report.json holds (the first layout's)."""
+    for); returns the summary that report.json holds (the first layout's), or None in a process of a
+    distributed run that does not write."""
     from qconvert.engine import EngineOptions, convert  # transformers' modelling code: seconds to import
 
     start = time.perf_counter()
@@ -228,26 +235,52 @@ def run(request: Request, on_layer=lambda r: None) -> dict:
     if request.method == "fp8" and config.scheme == "block":
         check_block_shapes(ckpt, arch)
     device, dtype = resolve_device(request.device)
+    ranks = distributed.start(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens = None if request.calibration is None else calibration_tokens(source, request.calibration)
     options = EngineOptions(device=device, dtype=dtype, batch_size=request.batch_size,
                             kv_cache=request.kv_cache is not None)
-    with staged_output(request.output, request.overwrite, source) as stage:
-        several = len(request.formats) > 1
-        parts = [(request.as_format(f, request.output / f if several else request.output), stage / f if several
-                  else stage) for f in request.formats]
-        writers = []
-        for part, folder in parts:
-            folder.mkdir(exist_ok=True)
-            writers.append(_writer(part, arch, folder))
-        if several:
-            _check_repeatable(request, arch, [w for w, _ in writers], _weight_dtype(ckpt, arch))
-        writer = FanOut([w for w, _ in writers]) if several else writers[0][0]
-        layers = convert(ckpt, arch, config, writer, tokens, options, on_layer)
-        summaries = [_finish_layout(part, folder, finish, ckpt, source, layers, start, device)
-                     for (part, folder), (_, finish) in zip(parts, writers)]
-    return summaries[0]
+    try:
+        if not ranks.writes:  # another process writes; this one calibrates and quantizes its share
+            if tokens is not None:  # (without calibration there is nothing to share)
+                discard = FanOut([Discard(_scale_dtype(f)) for f in request.formats])
+                convert(ckpt, arch, config, discard, tokens, options, on_layer)
+            return None
+        with staged_output(request.output, request.overwrite, source) as stage:
+            several = len(request.formats) > 1
+            parts = [(request.as_format(f, request.output / f if several else request.output), stage / f if several
+                      else stage) for f in request.formats]
+            writers = []
+            for part, folder in parts:
+                folder.mkdir(exist_ok=True)
+                writers.append(_writer(part, arch, folder))
+            if several:
+                _check_repeatable(request, arch, [w for w, _ in writers], _weight_dtype(ckpt, arch))
+            writer = FanOut([w for w, _ in writers]) if several else writers[0][0]
+            layers = convert(ckpt, arch, config, writer, tokens, options, on_layer)
+            summaries = [_finish_layout(part, folder, finish, ckpt, source, layers, start, device, ranks.world)
+                         for (part, folder), (_, finish) in zip(parts, writers)]
+        return summaries[0]
+    finally:
+        distributed.stop()
+
+
+class Discard:
+    """The writer of a process that does not write (all but rank 0 of a distributed run); it quantizes with
+    the scale dtype of the layout it stands for."""
+
+    def __init__(self, scale_dtype: torch.dtype | None = None):
+        self.scale_dtype = scale_dtype
+
+    def add_tensor(self, name, tensor) -> None:
+        pass
+
+    def add_quantized(self, name, qt) -> None:
+        pass
+
+    def reserve_tensor(self, name, dtype, shape) -> None:
+        pass
 
 
 def _weight_dtype(ckpt: Checkpoint, arch) -> torch.dtype:
@@ -255,7 +288,7 @@ def _weight_dtype(ckpt: Checkpoint, arch) -> torch.dtype:
     return ckpt.torch_dtype(next(iter(arch.quantized_weights(ckpt)))[0])
 
 
-def _finish_layout(request: Request, folder: Path, finish, ckpt, source, layers, start, device) -> dict:
+def _finish_layout(request: Request, folder: Path, finish, ckpt, source, layers, start, device, processes) -> dict:
     """Close one layout's writer and give its folder config.json, tokenizer files, report.json and model card."""
     qc = finish()
     if request.kv_cache is not None and qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
@@ -264,6 +297,7 @@ def _finish_layout(request: Request, folder: Path, finish, ckpt, source, layers,
     copy_aux_files(source, folder)
     summary = _summary(request, ckpt, layers, folder, time.perf_counter() - start)
     summary["peak_memory"] = peak_memory(device)
+    summary["processes"] = processes  # data-parallel calibration ranks (peak memory is rank 0's)
     (folder / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(folder, request.output.name, request.model, _card_facts(summary), request.command)
     return summary

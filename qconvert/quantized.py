@@ -43,6 +43,18 @@ class QuantizedTensor:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def rows(self, rows: slice) -> "QuantizedTensor":
+        return QuantizedTensor(self.codes[rows], self.scale[rows], None if self.zero is None else self.zero[rows],
+                               self.bits, self.group_size, self.g_idx)
+
+    @staticmethod
+    def stack_rows(parts: list["QuantizedTensor"]) -> "QuantizedTensor":
+        """Row blocks of one tensor (same columns, groups and g_idx), top to bottom."""
+        first = parts[0]
+        zero = None if first.zero is None else torch.cat([p.zero for p in parts])
+        return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), zero,
+                               first.bits, first.group_size, first.g_idx)
+
     @property
     def symmetric(self) -> bool:
         return self.zero is None

@@ -79,3 +79,10 @@ def test_act_order_needs_full_groups(tmp_path):
     uneven[:10] = 1
     with pytest.raises(ValueError, match="exactly group_size columns"):
         ct.Writer(tmp_path).add_quantized("x.weight", QuantizedTensor(qt.codes, qt.scale, None, 4, 64, uneven))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_slabs_of_rows_gives_the_same_words(bits):
+    """A large linear is packed a slab of rows at a time (bounded temporaries): the words are the same."""
+    codes = torch.randint(0, 1 << bits, (300, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    assert torch.equal(ct.pack_bits(codes, bits, chunk=96 * 7), ct.pack_bits(codes, bits, chunk=1 << 30))

@@ -39,6 +39,9 @@ class Algorithm:
 
     sequential = False  # re-collect statistics for each group after quantizing the groups before it
     repeatable = True  # quantize() may run again on the same statistics (once per output layout)
+    # among several ranks: quantize() divides its own work (or is cheap enough to repeat on each); otherwise
+    # the engine gives each input set to one rank and shares the result
+    divides_work = False
 
     def __init__(self, config, arch):
         self.config = config

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from itertools import zip_longest
+
+from qconvert import distributed
 from qconvert.algorithms import Algorithm, InputSet, register
 from qconvert.algorithms.rtn import BITS, RTNConfig, check_bits_and_group, fake_quantize_groups, rtn
 from qconvert.errors import QConvertError
@@ -84,6 +87,17 @@ class _Group:
             self.calls.append((args, kwargs))
             self.stored_tokens += n
 
+    def reduce(self, ranks) -> None:
+        """The statistics of every rank's tokens."""
+        if not ranks.active:
+            return
+        width, device = self.linears[0].in_features, self.linears[0].weight.device
+        vector = lambda v: v if isinstance(v, torch.Tensor) else torch.full((width,), float(v), device=device)  # noqa: E731
+        self.abs_sum = ranks.sum_(vector(self.abs_sum))
+        self.abs_max = ranks.max_(vector(self.abs_max))
+        (tokens,) = ranks.add([self.tokens])
+        self.tokens = int(tokens)
+
 
 def _expand(spec: ScaleGroup, names: list[str]) -> list[ScaleGroup]:
     """A `*` group becomes one group per expert index found among the block's linears."""
@@ -122,23 +136,34 @@ def _output_of(out) -> torch.Tensor:
 
 
 class _TokenSample:
-    """Every `stride`-th token a linear reads, for the clipping search."""
+    """Every `stride`-th token of each calibration window a linear reads, for the clipping search."""
 
     def __init__(self, stride: int = 16):
         self.stride, self.parts = stride, []
 
     def update(self, x: torch.Tensor) -> None:
-        self.parts.append(x.reshape(-1, x.shape[-1])[:: self.stride].detach())
+        x = x.detach()
+        if x.dim() == 3:  # [windows, tokens, in]: one part per window
+            self.parts.extend(x[:, :: self.stride].unbind(0))
+        else:
+            self.parts.append(x.reshape(-1, x.shape[-1])[:: self.stride])
 
-    def take(self, n: int) -> torch.Tensor | None:
-        if not self.parts:
+    def take(self, n: int, ranks: distributed.Ranks = distributed.Ranks()) -> torch.Tensor | None:
+        parts = self.parts
+        if ranks.active:  # rank r's window j is window r + j·world: every window, in the single-process order
+            sizes = [p.shape[0] for p in parts]
+            every = ranks.gather((torch.cat(parts) if parts else None, sizes))
+            split = [list(x.split(s)) if x is not None else [] for x, s in every]
+            parts = [p for row in zip_longest(*split) for p in row if p is not None]
+        if not parts:
             return None
-        x = torch.cat(self.parts)
+        x = torch.cat(parts)
         return x[torch.linspace(0, x.shape[0] - 1, min(n, x.shape[0]), device=x.device).round().long()]
 
 
 @register(AWQConfig)
 class AWQ(Algorithm):
+    divides_work = True  # the search and clipping are divided among ranks; the rounding itself is cheap
     def __init__(self, config: AWQConfig, arch):
         super().__init__(config, arch)
         if not arch.scale_groups:
@@ -149,8 +174,10 @@ class AWQ(Algorithm):
     def observe(self, block, sets):
         self.groups = resolve_groups(block, self.arch.scale_groups, sets)
         handles = []
+        # each rank keeps its share of the search tokens: together, the windows one process would keep
+        limit = self.config.search_tokens // distributed.current().world
         for g in self.groups:
-            record = lambda _m, args, kwargs, g=g: g.record(args, kwargs, self.config.search_tokens)  # noqa: E731
+            record = lambda _m, args, kwargs, g=g: g.record(args, kwargs, limit)  # noqa: E731
             handles.append(g.inspect.register_forward_pre_hook(record, with_kwargs=True))
         self.samples = {}
         if self.config.clip:
@@ -161,8 +188,10 @@ class AWQ(Algorithm):
 
     @torch.no_grad()
     def transform(self, block, sets):
+        ranks = distributed.current()
         for g in self.groups:
-            g.scale = self._search(g) if g.calls else None
+            g.reduce(ranks)
+            g.scale = self._search(g, ranks) if g.tokens else None
         changed = set()
         for g in self.groups:
             if g.scale is not None:
@@ -170,12 +199,12 @@ class AWQ(Algorithm):
             g.calls.clear()
         if self.config.clip:
             for s in sets:
-                x = self.samples[s.key].take(self.config.clip_tokens)
+                x = self.samples[s.key].take(self.config.clip_tokens, ranks)
                 if x is None:
                     continue
                 for name, lin in zip(s.names, s.linears):
                     if not NO_CLIP.search(name):
-                        lin.weight.data = clip_range(lin.weight, x / self._scale_of(lin, x), self.config)
+                        lin.weight.data = _clip_rows(lin.weight, x / self._scale_of(lin, x), self.config, ranks)
         self.samples = {}
         return changed
 
@@ -185,8 +214,9 @@ class AWQ(Algorithm):
                 return g.scale.to(x.dtype)
         return 1.0
 
-    def _search(self, g: _Group) -> torch.Tensor:
-        """The per-channel scale with the lowest output error of g.inspect after quantization."""
+    def _search(self, g: _Group, ranks: distributed.Ranks) -> torch.Tensor:
+        """The per-channel scale with the lowest output error of g.inspect after quantization (the error
+        summed over every rank's search windows)."""
         cfg = self.config
         x_mean = g.abs_sum / max(g.tokens, 1)
         originals = [lin.weight.data.clone() for lin in g.linears]
@@ -204,6 +234,7 @@ class AWQ(Algorithm):
                     lin.weight.data = (_fake_quantize(w.float() * s, cfg) / s).to(w.dtype)
                 loss = float(sum((_output_of(g.inspect(*a, **k)).float() - r.float()).pow(2).sum()
                                  for (a, k), r in zip(g.calls, reference)))  # one sync per grid point
+                (loss,) = ranks.add([loss])
                 if loss < best_loss:
                     best, best_loss = s, loss
         for lin, w in zip(g.linears, originals):
@@ -248,6 +279,13 @@ def _normalised_weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
     wg = w.float().abs().reshape(w.shape[0], -1, g)
     wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
     return wg.reshape(w.shape).mean(0)
+
+
+def _clip_rows(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig, ranks: distributed.Ranks) -> torch.Tensor:
+    """clip_range, its rows shared out among the ranks (each row's search is its own)."""
+    if not ranks.active or w.shape[0] < ranks.world:
+        return clip_range(w, x, cfg)
+    return ranks.stack_rows(clip_range(w[ranks.row_share(w.shape[0])], x, cfg), w.shape[0])
 
 
 @torch.no_grad()

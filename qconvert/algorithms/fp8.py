@@ -81,6 +81,9 @@ class AbsMax:
     def update(self, x: torch.Tensor) -> None:
         torch.maximum(self.value, x.detach().abs().amax().float(), out=self.value)
 
+    def reduce(self, ranks) -> None:
+        ranks.max_(self.value)
+
 
 @register(FP8Config)
 class FP8(Algorithm):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qconvert import distributed
 from qconvert.algorithms import Algorithm, InputSet, gptq_kernel, register
 from qconvert.algorithms.rtn import check_bits_and_group, minmax_params
 from qconvert.errors import QConvertError
@@ -63,6 +64,14 @@ class Hessian:
         total = self.tokens + n
         _add_gram(self.matrix, x, self.tokens / total, 2 / total)
         self.tokens = total
+
+    def reduce(self, ranks) -> None:
+        """The H of every rank's tokens: each rank's mean weighted by its share of them."""
+        (total,) = ranks.add([self.tokens])
+        if total:
+            self.matrix.mul_(self.tokens / total)
+            ranks.sum_(self.matrix)
+        self.tokens = int(total)
 
 
 def _add_gram(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
@@ -229,6 +238,7 @@ def _take_hessian(stats: Hessian | None, weight: torch.Tensor) -> torch.Tensor:
 @register(GPTQConfig)
 class GPTQ(Algorithm):
     repeatable = False  # quantize() takes its Hessian (freeing it is what keeps the peak low)
+    divides_work = True
 
     def __init__(self, config: GPTQConfig, arch):
         super().__init__(config, arch)
@@ -248,7 +258,16 @@ class GPTQ(Algorithm):
         """The linears of one input set are swept as one matrix: they share H and its inverse."""
         name = ", ".join(inputs.names)
         weights = [lin.weight for lin in inputs.linears]
-        qt = gptq(torch.cat(weights), [_take_hessian(stats, weights[0])], self.config, scale_dtype, name)
+        w = torch.cat(weights)
+        ranks = distributed.current()
+        # rows are independent given H: among several ranks each sweeps its share (each factorizes H)
+        divided = ranks.active and w.shape[0] >= ranks.world
+        qt = gptq(w[ranks.row_share(w.shape[0])] if divided else w, [_take_hessian(stats, w)], self.config,
+                  scale_dtype, name)
+        if divided:
+            whole = lambda t: ranks.stack_rows(t, w.shape[0])  # noqa: E731
+            qt = QuantizedTensor(whole(qt.codes), whole(qt.scale), None if qt.zero is None else whole(qt.zero),
+                                 qt.bits, qt.group_size, qt.g_idx)
         if len(weights) == 1:
             return [qt]
         rows = [w.shape[0] for w in weights]

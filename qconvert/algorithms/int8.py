@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qconvert import distributed
 from qconvert.algorithms import Algorithm, algorithm_for, register
 from qconvert.algorithms.awq import fold_scale, resolve_groups
 from qconvert.algorithms.gptq import GPTQConfig
@@ -64,6 +65,7 @@ class INT8(Algorithm):
         self.weights = algorithm_for(config.rounding, arch)
         self.sequential = self.weights.sequential
         self.repeatable = self.weights.repeatable
+        self.divides_work = self.weights.divides_work
         self.groups = []
 
     def observe(self, block, sets):
@@ -80,6 +82,7 @@ class INT8(Algorithm):
     def transform(self, block, sets):
         changed = self.weights.transform(block, sets)
         for g in self.groups:
+            g.reduce(distributed.current())
             if g.tokens:
                 w_max = torch.cat([lin.weight.detach().abs().amax(0, keepdim=True) for lin in g.linears]).amax(0)
                 changed |= fold_scale(block, g, smoothing_scale(g.abs_max, w_max, self.config.smoothquant),

@@ -89,13 +89,20 @@ def fake_quantize_groups(wg: torch.Tensor, bits: int, symmetric: bool) -> torch.
     return (q - z) * scale[..., None]
 
 
-def rtn(w: torch.Tensor, config: RTNConfig, *, scale_dtype: torch.dtype) -> QuantizedTensor:
-    """Min-max round-to-nearest of w [out, in]."""
+def rtn(w: torch.Tensor, config: RTNConfig, *, scale_dtype: torch.dtype, chunk: int = 1 << 24) -> QuantizedTensor:
+    """Min-max round-to-nearest of w [out, in], `chunk` values at a time (rows are independent; whole, a
+    28672-row linear's float32 temporaries would be gigabytes)."""
     if config.group_size != -1 and w.shape[1] % config.group_size:
         raise QConvertError(f"group size {config.group_size} does not divide input size {w.shape[1]}")
-    scale, zero = minmax_params(grouped(w.float(), config.group_size), config.bits, config.symmetric, scale_dtype)
-    codes = quantize_with(w, scale, zero, config.bits, config.group_size)
-    return QuantizedTensor(codes, scale, zero, config.bits, config.group_size)
+    step = max(1, chunk // w.shape[1])
+    parts = []
+    for r in range(0, w.shape[0], step):
+        rows = w[r:r + step]
+        scale, zero = minmax_params(grouped(rows.float(), config.group_size), config.bits, config.symmetric,
+                                    scale_dtype)
+        codes = quantize_with(rows, scale, zero, config.bits, config.group_size)
+        parts.append(QuantizedTensor(codes, scale, zero, config.bits, config.group_size))
+    return parts[0] if len(parts) == 1 else QuantizedTensor.stack_rows(parts)
 
 
 @register(RTNConfig)

@@ -96,7 +96,7 @@ def verify(out: Path, model: str) -> list[str]:
 def _verify_checkpoint(out: Path, model: str) -> list[str]:
     import torch
 
-    from qconvert.eval.loader import dequantized_state
+    from qconvert.eval.loader import dequantized_tensors
     from qconvert.model.checkpoint import Checkpoint, resolve_model
 
     ckpt = Checkpoint(out)
@@ -104,7 +104,7 @@ def _verify_checkpoint(out: Path, model: str) -> list[str]:
         return [f"{out}/config.json has no quantization_config"]
     base = Checkpoint(resolve_model(model))
     problems, compared = [], 0
-    for name, tensor in dequantized_state(ckpt).items():
+    for name, tensor in dequantized_tensors(ckpt):
         if not torch.isfinite(tensor).all():
             problems.append(f"{name}: not finite")
         if name in base:

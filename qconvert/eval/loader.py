@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,12 +34,16 @@ READERS = {
 def dequantized_state(ckpt: Checkpoint, quantizers: dict | None = None) -> dict[str, torch.Tensor]:
     """Every tensor, quantized linears dequantized; `quantizers` (when given) receives, per W8A8
     linear, the function that rounds its input activations as the engine's kernel does."""
+    return dict(dequantized_tensors(ckpt, quantizers))
+
+
+def dequantized_tensors(ckpt: Checkpoint, quantizers: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """dequantized_state one tensor at a time (an output larger than memory can be checked)."""
     qc = ckpt.config_dict["quantization_config"]
     method = qc.get("quant_method")
     reader = marlin.read if marlin.is_marlin(qc) else READERS.get(method)  # marlin: gptq's quant_method
     if reader is None:
         raise QConvertError(f"{ckpt.path}: cannot read quantization method '{method}'")
-    state = {}
     for name, t in reader(ckpt):
         if isinstance(t, (QuantizedTensor, FP8Tensor)):
             module = name.removesuffix(".weight")
@@ -46,8 +51,7 @@ def dequantized_state(ckpt: Checkpoint, quantizers: dict | None = None) -> dict[
             if args is not None and quantizers is not None:
                 quantizers[module] = fake_quantizer(args, getattr(t, "input_scale", None))
             t = t.dequantize()
-        state[name] = t
-    return state
+        yield name, t
 
 
 _KV_SCALE = re.compile(rf"(.+)\.(\d+)\.{ATTENTION}\.({'|'.join(SCALES)})$")

@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_bits(codes: torch.Tensor, bits: int, chunk: int = 1 << 24) -> torch.Tensor:
     """uint8 codes [rows, cols] -> int32 [rows, ceil(cols*bits/32)], element i at bit i*bits.
-    Runs on the codes' device (the GPU packs a layer's weights in milliseconds)."""
+    Runs on the codes' device (the GPU packs a layer's weights in milliseconds), `chunk` codes at a time:
+    the widened temporaries of a whole 28672-row linear would be gigabytes."""
+    step = max(1, chunk // max(codes.shape[1], 1))
+    if codes.shape[0] > step:
+        return torch.cat([_pack(codes[r:r + step], bits) for r in range(0, codes.shape[0], step)])
+    return _pack(codes, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     words = -(-cols * bits // 32)
     if 32 % bits == 0:  # whole values per word: OR the shifted columns of each word together

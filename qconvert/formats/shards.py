@@ -25,6 +25,29 @@ from qconvert.formats.casting import cast_float
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 HEADER_ROOM = 128 * 1024  # ~1000 tensor entries; a larger header costs one copy of the shard
 MAX_PENDING_BYTES = 2 * 1024**3
+
+
+class _HostBytes:
+    """A tensor's bytes on the host. From a GPU the copy into page-locked memory is started here and waited
+    for by the writing thread, so the caller goes on computing (a wait per tensor was most of the time
+    rank 0 of a distributed run spent beyond the others)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.ready = None
+        if tensor.is_cuda:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = tensor.contiguous()
+
+    def array(self):
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.reshape(-1).view(torch.uint8).numpy()
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -83,8 +106,8 @@ class _Shard:
         self.size += nbytes
         return HEADER_ROOM + self.size - nbytes
 
-    def write(self, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
+    def write(self, data: "_HostBytes", offset: int) -> None:
+        view = memoryview(data.array()).cast("B")
         while view:
             done = os.pwrite(self.fd, view, offset)
             view, offset = view[done:], offset + done
@@ -135,7 +158,7 @@ class ShardWriter:
             self._reserved[name] = (shard, offset)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        data = _HostBytes(tensor)
         with self._room:
             while self._pending and self._pending + data.nbytes > MAX_PENDING_BYTES:
                 self._room.wait()

@@ -34,7 +34,7 @@ def decoder_blocks(model: PreTrainedModel, arch: Architecture) -> nn.ModuleList:
     return model.get_submodule(arch.layers)
 
 
-def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
     path, _, leaf = name.rpartition(".")
     module = root.get_submodule(path) if path else root
     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
@@ -77,7 +77,7 @@ def load_block(
     for name, tensor in originals.items():
         on_device = tensor.to(device=device, non_blocking=True)
         ckpt.check_finite(files[name], on_device)
-        _set_param(block, name, on_device.to(dtype))
+        set_param(block, name, on_device.to(dtype))
     return originals
 
 
@@ -96,7 +96,7 @@ def final_norm(model: PreTrainedModel, ckpt: Checkpoint, options) -> nn.Module:
     prefix = f"{model.base_model_prefix}.norm."
     norm = inner.norm
     for name, _ in list(norm.named_parameters()):
-        _set_param(norm, name, ckpt.get(prefix + name).to(device=options.device, dtype=options.dtype))
+        set_param(norm, name, ckpt.get(prefix + name).to(device=options.device, dtype=options.dtype))
     return norm
 
 
@@ -170,7 +170,7 @@ def capture_block_inputs(
     used, tokens = torch.unique(tokens, return_inverse=True)
     rows = ckpt.load_rows(embed_name, used)
     ckpt.check_finite(embed_name, rows)
-    _set_param(model, embed_name, rows.to(dtype))
+    set_param(model, embed_name, rows.to(dtype))
     blocks = decoder_blocks(model, arch)
     originals = list(blocks)
     inputs = BlockInputs(hidden=[], call_args=[{} for _ in originals])

@@ -33,6 +33,9 @@ class SquaredSums:
     def update(self, x: torch.Tensor) -> None:
         self.sums += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
 
+    def reduce(self, ranks) -> None:
+        ranks.sum_(self.sums)
+
 
 @dataclass
 class Entry:

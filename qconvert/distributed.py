@@ -1,0 +1,195 @@
+"""Data-parallel calibration over torch.distributed (launched by torchrun, or by `--gpus N`).
+
+Every rank runs its share of the calibration samples (every world-th one, so the first samples that a
+search uses are spread over all ranks) through the current block; the statistics the algorithms
+collect are summed (or maxed) over the ranks before anything is chosen from them, so every rank makes
+the same choice; the quantization of a block's linears is divided among the ranks and the results
+shared; rank 0 alone writes. NCCL between GPUs, gloo between CPU processes; torchrun's rendezvous
+makes the same code run on one host or across hosts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qconvert.errors import QConvertError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def samples(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's calibration windows: every world-th one."""
+        return tokens[self.rank::self.world]
+
+    def row_share(self, rows: int) -> slice:
+        """This rank's contiguous share of `rows` (the first ranks take one more when they do not divide)."""
+        base, extra = divmod(rows, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def owners(self, costs: list[float]) -> list[int]:
+        """The rank that does each job: largest first, each to the least-loaded rank (the same answer on
+        every rank)."""
+        load = [0.0] * self.world
+        owner = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+            owner[i] = min(range(self.world), key=lambda r: load[r])
+            load[owner[i]] += costs[i]
+        return owner
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, in place."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def add(self, values: list[float]) -> list[float]:
+        """Numbers (token counts, error sums) summed over the ranks, in one message."""
+        if not self.active or not values:
+            return list(values)
+        return self.sum_(torch.tensor(values, dtype=torch.float64, device=_comm_device())).tolist()
+
+    def share(self, obj, src: int):
+        """`obj` as rank `src` has it, on every rank: any picklable structure, its tensors sent as tensors
+        (through NCCL on the GPU, not through pickle) and placed on the receiver's matching device."""
+        if not self.active:
+            return obj
+        tensors: list[torch.Tensor] = []
+        header = [None]
+        if self.rank == src:
+            buf = io.BytesIO()
+            _TensorPickler(buf, tensors).dump(obj)
+            header = [(buf.getvalue(), [(tuple(t.shape), t.dtype, t.device.type) for t in tensors])]
+        dist.broadcast_object_list(header, src=src, device=_comm_device())
+        data, specs = header[0]
+        comm = _comm_device()
+        received = []
+        for i, (shape, dtype, kind) in enumerate(specs):
+            raw = (_bytes_of(tensors[i]).to(comm) if self.rank == src else
+                   torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=comm))
+            dist.broadcast(raw, src=src)
+            here = comm if kind == comm.type else torch.device(kind)
+            received.append(tensors[i] if self.rank == src else raw.to(here).view(dtype).reshape(shape))
+        return obj if self.rank == src else _TensorUnpickler(io.BytesIO(data), received).load()
+
+    def gather(self, part):
+        """Every rank's `part`, in rank order, on every rank."""
+        return [self.share(part if r == self.rank else None, r) for r in range(self.world)]
+
+    def stack_rows(self, part: torch.Tensor, rows: int) -> torch.Tensor:
+        """The whole of a tensor of `rows` rows whose row_share each rank holds: one all-gather of equal,
+        padded blocks (no pickling, no wait on the host)."""
+        if not self.active:
+            return part
+        block = -(-rows // self.world)
+        padded = part.new_empty((block, *part.shape[1:]))
+        padded[:part.shape[0]] = part
+        blocks = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(blocks, padded)
+        shares = [Ranks(r, self.world).row_share(rows) for r in range(self.world)]
+        return torch.cat([b[:s.stop - s.start] for b, s in zip(blocks, shares)])
+
+
+class _TensorPickler(pickle.Pickler):
+    def __init__(self, file, tensors: list):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors = tensors
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch.Tensor):
+            self.tensors.append(obj)
+            return len(self.tensors) - 1
+        return None
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def __init__(self, file, tensors: list):
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid):
+        return self.tensors[pid]
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+_current = Ranks()
+
+
+def current() -> Ranks:
+    return _current
+
+
+def launched() -> bool:
+    """Started by torchrun (or by --gpus) as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device: torch.device) -> Ranks:
+    """Join the process group torchrun describes: NCCL for CUDA, gloo for the CPU; each rank on its local
+    GPU. A single process stays alone."""
+    global _current
+    if not launched():
+        return _current
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise QConvertError(f"rank {local}: only {torch.cuda.device_count()} CUDA device(s) on this host")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=torch.device("cuda", local) if device.type == "cuda" else None)
+    _current = Ranks(dist.get_rank(), dist.get_world_size(), local)
+    return _current
+
+
+def local_device(device: torch.device) -> torch.device:
+    """`cuda` means this rank's own GPU."""
+    if launched() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def stop() -> None:
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = Ranks()
