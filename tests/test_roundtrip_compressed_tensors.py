@@ -83,6 +83,9 @@ def test_act_order_needs_full_groups(tmp_path):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_in_slabs_of_rows_gives_the_same_words(bits):
-    """A large linear is packed a slab of rows at a time (bounded temporaries): the words are the same."""
+    """A large linear is packed and unpacked a slab of rows at a time (bounded temporaries): the same words
+    and codes."""
     codes = torch.randint(0, 1 << bits, (300, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
-    assert torch.equal(ct.pack_bits(codes, bits, chunk=96 * 7), ct.pack_bits(codes, bits, chunk=1 << 30))
+    packed = ct.pack_bits(codes, bits, chunk=96 * 7)
+    assert torch.equal(packed, ct.pack_bits(codes, bits, chunk=1 << 30))
+    assert torch.equal(ct.unpack_bits(packed, bits, 96, chunk=96 * 5), codes)

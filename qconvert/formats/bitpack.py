@@ -43,8 +43,15 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of pack_bits: int32 [rows, words] -> uint8 [rows, cols]."""
+def unpack_bits(packed: torch.Tensor, bits: int, cols: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """Inverse of pack_bits: int32 [rows, words] -> uint8 [rows, cols], `chunk` codes at a time."""
+    step = max(1, chunk // max(cols, 1))
+    if packed.shape[0] > step:
+        return torch.cat([_unpack(packed[r:r + step], bits, cols) for r in range(0, packed.shape[0], step)])
+    return _unpack(packed, bits, cols)
+
+
+def _unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     w = packed.to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64, device=w.device)], dim=1)
     pos = torch.arange(cols, dtype=torch.int64, device=w.device) * bits
