@@ -237,7 +237,10 @@ def convert(
         background = []
         if ranks.writes:
             outside = _reserve_outside_blocks(ckpt, arch, writer)
-            background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
+            if tokens is None:  # no calibration to overlap with: one tensor in memory at a time instead
+                _write_outside_blocks(ckpt, arch, writer, outside)
+            else:
+                background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
         if on_gpu and tokens is not None:
             background += [pool.submit(_on, options.device, _warm_up, options),
                            pool.submit(_on, options.device, algorithm.warm_up, options.device)]
