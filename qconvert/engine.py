@@ -235,12 +235,9 @@ def convert(
         # the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
         # meanwhile, and each block is read while the one before it computes
         background = []
-        if ranks.writes:
-            outside = _reserve_outside_blocks(ckpt, arch, writer)
-            if tokens is None:  # no calibration to overlap with: one tensor in memory at a time instead
-                _write_outside_blocks(ckpt, arch, writer, outside)
-            else:
-                background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
+        outside = _reserve_outside_blocks(ckpt, arch, writer) if ranks.writes else []
+        if tokens is not None:
+            background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
         if on_gpu and tokens is not None:
             background += [pool.submit(_on, options.device, _warm_up, options),
                            pool.submit(_on, options.device, algorithm.warm_up, options.device)]
@@ -268,6 +265,8 @@ def convert(
                             len(report.uncalibrated), ", ".join(report.uncalibrated[:4]))
             reports.append(report)
             on_layer(report)
+        if tokens is None:  # nothing to overlap them with: after the blocks, so as not to add to a block's peak
+            _write_outside_blocks(ckpt, arch, writer, outside)
         for job in background:
             job.result()
     return reports
@@ -294,9 +293,9 @@ def _share_of(tokens: torch.Tensor | None, ranks: distributed.Ranks) -> torch.Te
 
 def _stream_block(block, index: int, ckpt: Checkpoint, arch: Architecture, algorithm: Algorithm, writer,
                   device: torch.device) -> LayerReport:
-    """Without calibration nothing runs through a block: each input set is read, quantized, written and
-    dropped in turn, in the checkpoint's dtype, so memory holds about one linear at a time (a checkpoint
-    larger than RAM converts)."""
+    """Without calibration nothing runs through a block: each linear is read, quantized, written and
+    dropped in turn, in the checkpoint's dtype, so memory holds one linear at a time (a checkpoint larger
+    than RAM converts). No algorithm that runs without calibration needs a set's linears together."""
     if arch.moe:
         unfuse_experts(block, arch.moe)
     files = block_file_names(ckpt, arch, index)
@@ -306,7 +305,9 @@ def _stream_block(block, index: int, ckpt: Checkpoint, arch: Architecture, algor
     if missing:
         raise QConvertError(f"{ckpt.path}: layer {index} lacks {', '.join(missing[:3])}")
     dtypes = scale_dtypes(getattr(writer, "writers", [writer]), ckpt.torch_dtype(files[weights[0]]))
-    for s in step.sets:
+    alone = [InputSet(s.group, s.parent, [n], [lin], [f])
+             for s in step.sets for n, lin, f in zip(s.names, s.linears, s.files)]
+    for s in alone:
         names = [f"{n}.weight" for n in s.names]
         stored = ckpt.load([files[n] for n in names])
         for n in names:

@@ -32,7 +32,7 @@ def test_peak_memory_does_not_grow_with_depth(tiny, tmp_path):
     assert peak_deep - peak_shallow < 0.25 * extra_mb
 
 
-def test_without_calibration_a_block_is_read_one_input_set_at_a_time(tiny, tmp_path, monkeypatch, qconvert):
+def test_without_calibration_a_block_is_read_one_linear_at_a_time(tiny, tmp_path, monkeypatch, qconvert):
     """Nothing runs through the blocks, so no block is held whole: what bounds memory for a checkpoint larger
     than RAM (scripts/larger_than_ram.py measures it on 31.6 GB)."""
     from qconvert.model.checkpoint import Checkpoint
@@ -43,5 +43,4 @@ def test_without_calibration_a_block_is_read_one_input_set_at_a_time(tiny, tmp_p
                         load(self, names, check))
     assert qconvert("rtn", model, "-o", tmp_path / "o", "--device", "cpu", "-q").code == 0
     in_blocks = [names for names in loads if any(".layers." in n for n in names)]
-    assert in_blocks and max(map(len, in_blocks)) == 3  # q, k and v: the largest set that reads one input
-    assert all(len(names) == 1 for names in in_blocks if any("down_proj" in n for n in names))
+    assert in_blocks and all(len(names) == 1 for names in in_blocks)
