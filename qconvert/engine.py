@@ -99,12 +99,13 @@ def preflight(ckpt: Checkpoint, arch: Architecture, config) -> int:
     return count
 
 
-def _weight_error(qt, w: torch.Tensor, rows: int = 4096) -> float:
-    """_relative_error of the dequantized result, a slab of rows at a time where the result can be sliced
-    (a 28672-row linear's dequantized float32 copy is a gigabyte)."""
+def _weight_error(qt, w: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """_relative_error of the dequantized result, `chunk` values at a time where the result can be sliced
+    by rows (a 28672-row linear's dequantized float32 copy is a gigabyte, and dequantizing makes several)."""
     if not isinstance(qt, QuantizedTensor):
         return _relative_error(qt.dequantize().to(w.device), w)
     num = den = 0.0
+    rows = max(1, chunk // w.shape[1])
     for r in range(0, w.shape[0], rows):
         part, ref = qt.rows(slice(r, r + rows)).dequantize().to(w.device).float(), w[r:r + rows].float()
         num += float((part - ref).pow(2).sum())
@@ -257,7 +258,8 @@ def convert(
                     upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
                 originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
                 del stored
-                report = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache, ranks).run(originals)
+                step = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache, ranks)
+                report = step.run(originals)
             unload_block(block)
             report.seconds = time.perf_counter() - start
             if report.uncalibrated:

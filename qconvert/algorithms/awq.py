@@ -11,11 +11,10 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 import torch
 from torch import nn
-
-from itertools import zip_longest
 
 from qconvert import distributed
 from qconvert.algorithms import Algorithm, InputSet, register
@@ -164,6 +163,7 @@ class _TokenSample:
 @register(AWQConfig)
 class AWQ(Algorithm):
     divides_work = True  # the search and clipping are divided among ranks; the rounding itself is cheap
+
     def __init__(self, config: AWQConfig, arch):
         super().__init__(config, arch)
         if not arch.scale_groups:
