@@ -11,6 +11,7 @@ makes the same code run on one host or across hosts.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class Ranks:
         received = []
         for i, (shape, dtype, kind) in enumerate(specs):
             raw = (_bytes_of(tensors[i]).to(comm) if self.rank == src else
-                   torch.empty(_nbytes(shape, dtype), dtype=torch.uint8, device=comm))
+                   torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8, device=comm))
             dist.broadcast(raw, src=src)
             here = comm if kind == comm.type else torch.device(kind)
             received.append(tensors[i] if self.rank == src else raw.to(here).view(dtype).reshape(shape))
@@ -136,13 +137,6 @@ class _TensorUnpickler(pickle.Unpickler):
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def _comm_device() -> torch.device:

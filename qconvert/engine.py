@@ -406,9 +406,7 @@ class _BlockStep:
         reference = run_block(self.block, self.index, self.inputs, keep=ERROR_BATCHES)
         for h in handles:
             h.remove()
-        counts = self.ranks.add([o.tokens for o in self.seen.values()])
-        for obs, n in zip(self.seen.values(), counts):
-            obs.tokens = int(n)
+        _reduce_observations(self.seen.values(), self.ranks)  # token counts (these carry no statistics)
         return stats, reference
 
     def _group_statistics(self, gi: int | None) -> dict:
