@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -423,24 +424,29 @@ def run_recipe(
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the output to this hub repo "
                            "once it verified and passed its gates.")] = None,
     device: Device = "auto",
+    gpus: Gpus = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: Json = False,
 ):
     """Run one recipe: convert, read the output back and verify it, score it against MODEL, check the gates.
-    Exit code 1 when a gate fails or the job does not finish."""
+    Exit code 1 when a gate fails or the job does not finish. With --gpus the conversion is data-parallel;
+    rank 0 alone verifies, scores and reports."""
     from qconvert.batch.jobs import JobOptions, run_job
     from qconvert.batch.recipes import load
     from qconvert.model.checkpoint import Checkpoint, resolve_model
     from qconvert.output import check_output
     from qconvert.progress import layer_progress
 
+    _spread(ctx, gpus, device)
     check_output(output, overwrite)
     rec = load(recipe)
     options = JobOptions(device, eval_dataset, eval_samples, eval_seq_len, imatrix_cache, evaluate)
     layers = Checkpoint(resolve_model(model)).config_dict.get("num_hidden_layers", 0)
-    with layer_progress(layers, f"{rec.name} {model}", quiet) as on_layer:
+    with layer_progress(layers, f"{rec.name} {model}", quiet or not _leads()) as on_layer:
         result = run_job(rec, model, output, options, overwrite, _command_line(ctx), on_layer)
+    if result is None or not _leads():  # a rank that helped convert; rank 0 reports
+        raise typer.Exit(0 if result is None or result["status"] == "ok" else 1)
     if result["status"] == "ok" and push_to_hub:
         from qconvert.batch.run import push
 
@@ -471,6 +477,9 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="Skip jobs whose outputs exist and verify.")] = False,
     report_json: Annotated[Optional[Path], typer.Option("--report-json", help="Write every job's result here.")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="Processes per job for data-parallel "
+                                                "calibration, one per GPU (default: the manifest's `gpus`, "
+                                                "else 1); jobs run at once get GPUs of their own.")] = None,
     quiet: Quiet = False,
 ):
     """Convert, verify, evaluate and gate every model x recipe of MANIFEST; exit code 1 if any job failed
@@ -482,6 +491,8 @@ def batch(
     if jobs < 1:
         raise QConvertError(f"--jobs {jobs}: at least 1")
     plan = load_manifest(manifest)
+    if gpus is not None:
+        plan = dataclasses.replace(plan, gpus=gpus)
     results = run_batch(plan, jobs, resume, on_result=lambda job, r: quiet or _print_job({**r, "model": job.id}))
     if report_json:
         write_json_atomically(report_json.resolve(), {"manifest": str(plan.path), "jobs": results})

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -230,18 +231,16 @@ def convert(
     ranks = distributed.current()
     tokens = _share_of(tokens, ranks)
     reports = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         # the GPU libraries and kernels load while the CPU builds the model and embeds the calibration
-        # tokens (the model's kernels and the algorithm's in two threads: each takes about a second);
-        # the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
+        # tokens; the tensors outside the blocks (embeddings, lm_head: 2 GB for an 8B model) are written
         # meanwhile, and each block is read while the one before it computes
         background = []
         outside = _reserve_outside_blocks(ckpt, arch, writer) if ranks.writes else []
         if tokens is not None:
             background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
         if on_gpu and tokens is not None:
-            background += [pool.submit(_on, options.device, _warm_up, options),
-                           pool.submit(_on, options.device, algorithm.warm_up, options.device)]
+            background += _warm_up_all(options, algorithm)
         upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu) if tokens is not None else None
         model = build_skeleton(ckpt, arch, options.dtype)
         blocks = decoder_blocks(model, arch)
@@ -272,6 +271,18 @@ def convert(
         for job in background:
             job.result()
     return reports
+
+
+def _warm_up_all(options: EngineOptions, algorithm: Algorithm) -> list[Future]:
+    """Start the model's and the algorithm's warm-ups, each in a thread of its own (each takes up to a
+    second, mostly waiting in a library's start-up). The threads end when done: a thread's cuBLAS and
+    cuSOLVER handles then go back to torch's pool, and the main thread takes them over instead of making
+    its own (another third of a second)."""
+    jobs = [partial(_warm_up, options), *algorithm.warm_ups(options.device)]
+    warm = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="warm-up")
+    started = [warm.submit(_on, options.device, job) for job in jobs]
+    warm.shutdown(wait=False)
+    return started
 
 
 def _on(device: torch.device, fn, *args):

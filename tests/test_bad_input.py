@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 
@@ -102,6 +103,14 @@ def test_unknown_device_and_dataset(tiny, qconvert, tmp_path):
     out = tmp_path / "out"
     _assert_refused(qconvert("rtn", tiny(), "-o", out, "--device", "tpu"), out, "--device tpu")
     _assert_refused(qconvert("rtn", tiny(), "-o", out, "--dataset", "nosuchset"), out, "unknown dataset 'nosuchset'")
+
+
+def test_calibration_ids_outside_the_vocabulary(tiny, qconvert, tmp_path):
+    ids = tmp_path / "ids.pt"
+    torch.save(torch.full((4, 32), 10**6), ids)
+    out = tmp_path / "out"
+    _assert_refused(qconvert("gptq", tiny(), "-o", out, "--dataset", ids, "--samples", "4", "--seq-len", "32"), out,
+                    "calibration token id 1000000 is outside the model's vocabulary")
 
 
 def test_gguf_bad_requests(tiny, qconvert, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qconvert.errors import QConvertError
-from qconvert.model.checkpoint import Checkpoint, resolve_model
+from qconvert.model.checkpoint import Checkpoint, _all_finite, resolve_model
 
 
 def test_local_path_never_touches_the_hub(tiny, monkeypatch):
@@ -62,3 +62,15 @@ def test_missing_shard_is_named(tiny, tmp_path):
     victim.unlink()
     with pytest.raises(QConvertError, match=victim.name):
         Checkpoint(tmp_path / "m")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e5m2],
+                         ids=str)
+def test_the_finiteness_check_finds_one_bad_value_in_any_slice(dtype):
+    clean = torch.randn(1000).to(dtype)
+    assert _all_finite(clean, chunk=64)
+    for at in (0, 63, 64, 500, 999):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = clean.clone()
+            t[at] = bad
+            assert not _all_finite(t, chunk=64), (at, bad)

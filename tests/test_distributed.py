@@ -154,3 +154,32 @@ def test_the_imatrix_of_two_processes_is_the_imatrix_of_one(tmp_path, qconvert):
 def test_more_processes_than_windows_is_refused():
     with pytest.raises(QConvertError, match="1 calibration window"):
         _share_of(torch.zeros(1, 8, dtype=torch.long), distributed.Ranks(0, WORLD))
+
+
+def test_a_batch_job_converts_on_two_processes(tiny, tmp_path, qconvert):
+    """`batch` hands `gpus` to each job's `qconvert run`, which spreads the conversion over the processes;
+    rank 0 alone verifies, scores and reports (one JSON result on stdout)."""
+    (tmp_path / "small.yaml").write_text("name: small\nmethod: gptq\nformat: gptq\n"
+                                         "calibration: {dataset: mixed, samples: 8, seq_len: 64}\n")
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(json.dumps({"output_dir": "out", "models": [{"path": str(tiny("llama", layers=2)),
+                                    "name": "tiny"}], "recipes": ["./small.yaml"], "device": "cpu",
+                                    "gpus": WORLD, "eval": {"samples": 2, "seq_len": 32}}))
+    res = qconvert("batch", str(manifest), "--report-json", str(tmp_path / "r.json"), "-q")
+    assert res.code == 0, res.err
+    (job,) = json.loads((tmp_path / "r.json").read_text())["jobs"]
+    assert job["status"] == "ok" and job["verified"], job
+    assert json.loads((tmp_path / "out" / "tiny" / "small" / "report.json").read_text())["processes"] == WORLD
+
+
+def test_jobs_running_at_once_get_gpus_of_their_own(tmp_path, monkeypatch):
+    from qconvert.batch.manifest import Manifest
+    from qconvert.batch.run import gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    plan = Manifest(tmp_path / "m.yaml", tmp_path, [], {}, "cuda", gpus=2)
+    assert gpu_slots(plan, 2) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert gpu_slots(plan, 1) == [{}]
+    with pytest.raises(QConvertError, match="4 GPU"):
+        gpu_slots(plan, 3)
+    assert gpu_slots(Manifest(tmp_path / "m.yaml", tmp_path, [], {}, "cuda"), 6) == [{}] * 6  # one GPU each: share

@@ -145,4 +145,5 @@ def test_gpu_warm_up_runs_on_any_device():
     from qconvert.engine import EngineOptions, _warm_up
 
     _warm_up(EngineOptions(device=torch.device("cpu"), dtype=torch.bfloat16))
-    algorithm_for(GPTQConfig(), None).warm_up(torch.device("cpu"))
+    for job in algorithm_for(GPTQConfig(), None).warm_ups(torch.device("cpu")):
+        job()

@@ -8,6 +8,7 @@ config dataclass is registered with its class here, the one place the engine loo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,9 +65,11 @@ class Algorithm:
         """The set's linears, quantized from their current weights (one result per linear)."""
         raise NotImplementedError
 
-    def warm_up(self, device: torch.device) -> None:
-        """Run the algorithm's GPU kernels once on a tiny input: their first use in a process (library
-        handles, compiled kernels) costs up to a second, which the engine hides behind CPU work."""
+    def warm_ups(self, device: torch.device) -> list[Callable[[], None]]:
+        """Jobs that run the algorithm's GPU kernels once on a tiny input: their first use in a process
+        (library handles, compiled kernels) costs up to a second, which the engine hides behind CPU work,
+        the jobs side by side (each mostly waits in a library's start-up)."""
+        return []
 
 
 def register(config_type: type):

@@ -58,6 +58,7 @@ class GGUFTensor:
 
     parts: list[tuple[RowTypes, torch.Tensor]]  # (rows and type, uint8 [rows, row bytes]) in row order
     cols: int
+    errors: list[tuple[float, float]] = field(default_factory=list)  # per part: ||W - Q||^2, ||W||^2
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([quants.dequantize(raw, r.qtype, (r.stop - r.start, self.cols)) for r, raw in self.parts])
@@ -83,6 +84,14 @@ class Unchanged:
 
     def dequantize(self) -> torch.Tensor:
         return self.weight
+
+
+def _squared_error(w: torch.Tensor, rows: RowTypes, raw: torch.Tensor, cols: int) -> tuple[float, float]:
+    """||W - Q||^2 and ||W||^2 over a part's rows, for the file's per-tensor report (summed over the parts
+    that make one GGUF tensor, so the writer need not read the weights again)."""
+    ref = w[rows.start:rows.stop].float()
+    err = ref - quants.dequantize(raw, rows.qtype, (rows.stop - rows.start, cols))
+    return float(err.pow(2).sum()), float(ref.pow(2).sum())
 
 
 def importance(h: torch.Tensor) -> torch.Tensor:
@@ -117,7 +126,7 @@ def sweep(w: torch.Tensor, u: torch.Tensor, qtype: int, imatrix: torch.Tensor | 
             # the 32-value types' importance weighting reads the mean square of the whole (updated) row
             sigma2 = legacy.row_sigma2(w) if imatrix is not None else None
             raw = quants.quantize(part, qtype, weights, sigma2=sigma2)
-            err = part - quants.dequantize(raw.cpu(), qtype, (rows, block)).to(w.device)
+            err = part - quants.dequantize(raw, qtype, (rows, block))
             scaled = torch.linalg.solve_triangular(ub, err, upper=True, left=False)  # err · U_BB⁻¹
         w[:, c1:] -= scaled @ u[c0:c1, c1:]
         out.append(raw)
@@ -177,6 +186,6 @@ class GGUFGPTQ(Algorithm):
                 results.append(Unchanged(w.detach()))
                 continue
             parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix)) for r in row_types]
-            results.append(GGUFTensor(parts, cols))
+            results.append(GGUFTensor(parts, cols, [_squared_error(w.detach(), r, raw, cols) for r, raw in parts]))
         return results
 

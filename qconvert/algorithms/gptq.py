@@ -244,11 +244,18 @@ class GPTQ(Algorithm):
         super().__init__(config, arch)
         self.sequential = config.true_sequential
 
-    def warm_up(self, device):
+    def warm_ups(self, device):
         cols = 2 * (self.config.group_size if self.config.group_size > 0 else 128)
-        h = Hessian(cols, device)
-        h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
-        gptq(torch.randn(64, cols, device=device), [h.matrix], self.config, torch.float16)
+
+        def solver():  # cuBLAS and cuSOLVER handles
+            h = Hessian(cols, device)
+            h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
+            inverse_cholesky([h.matrix], self.config.damp)
+
+        def sweep():  # the Triton kernel (loaded from its cache or compiled) and gptq()'s other kernels
+            gptq(torch.randn(64, cols, device=device), [torch.eye(cols, device=device)], self.config, torch.float16)
+
+        return [solver, sweep]
 
     def statistics(self, inputs: InputSet) -> Hessian:
         weight = inputs.linears[0].weight

@@ -96,5 +96,5 @@ class INT8(Algorithm):
     def quantize(self, inputs, stats, scale_dtype):
         return self.weights.quantize(inputs, stats, scale_dtype)
 
-    def warm_up(self, device):
-        self.weights.warm_up(device)
+    def warm_ups(self, device):
+        return self.weights.warm_ups(device)

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from qconvert import distributed
 from qconvert.batch.recipes import Recipe
 from qconvert.errors import QConvertError
 from qconvert.pipeline import Calibration
@@ -58,7 +59,8 @@ def _convert_gguf(recipe, model, out, calibration, options, overwrite, command, 
     base = GGUFRequest(model, out, recipe.params["type"], imatrix, calibration=calibration or Calibration("mixed"),
                        device=options.device, overwrite=overwrite, command=command,
                        method="plain" if method == "imatrix" else method)
-    if not (imatrix and options.imatrix_cache):
+    if not (imatrix and options.imatrix_cache) or distributed.launched():
+        # (ranks waiting on the cache's lock would leave the one computing it without partners)
         return run(base, on_layer)
     # one imatrix per model and calibration, computed by the first recipe that needs it (the others wait on
     # the lock, then read it)
@@ -130,12 +132,15 @@ def _verify_gguf(out: Path) -> list[str]:
 
 
 def run_job(recipe: Recipe, model: str, out: Path, options: JobOptions, overwrite: bool = False, command: str = "",
-            on_layer=lambda r: None) -> dict:
-    """Convert, verify, evaluate and gate; the result as a dict (status ok, gate-failed or failed)."""
+            on_layer=lambda r: None) -> dict | None:
+    """Convert, verify, evaluate and gate; the result as a dict (status ok, gate-failed or failed), or None
+    in a process of a distributed run that does not write (it only helped convert)."""
     start = time.perf_counter()
     result = {"model": model, "recipe": recipe.name, "output": str(out), "status": "failed"}
     try:
         summary = convert(recipe, model, out, options, overwrite, command, on_layer)
+        if summary is None:
+            return None
         result.update(conversion_seconds=summary["seconds"], source_bytes=summary["source_bytes"],
                       output_bytes=summary["output_bytes"], peak_memory=summary.get("peak_memory"),
                       imatrix_shared=summary.get("imatrix_shared"))

@@ -20,7 +20,7 @@ import yaml
 from qconvert.batch.recipes import Recipe, load, resolve
 from qconvert.errors import QConvertError
 
-KEYS = ("output_dir", "models", "recipes", "eval", "push_to_hub", "device")
+KEYS = ("output_dir", "models", "recipes", "eval", "push_to_hub", "device", "gpus")
 EVAL_KEYS = ("dataset", "samples", "seq_len")
 
 
@@ -45,6 +45,7 @@ class Manifest:
     jobs: list[Job]
     eval: dict
     device: str = "auto"
+    gpus: int = 1  # processes per job (data-parallel calibration, one per GPU)
 
 
 def _model_entry(entry, base: Path, where: str) -> tuple[str, str]:
@@ -104,4 +105,7 @@ def load_manifest(file: Path) -> Manifest:
     ids = [j.id for j in jobs]
     if len(set(ids)) != len(ids):
         raise QConvertError(f"{where}: two models share a name; give them distinct `name`s")
-    return Manifest(file.resolve(), out_dir, jobs, evaluation, str(data.get("device", "auto")))
+    gpus = data.get("gpus", 1)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise QConvertError(f"{where}: gpus must be a whole number of at least 1, not {gpus!r}")
+    return Manifest(file.resolve(), out_dir, jobs, evaluation, str(data.get("device", "auto")), gpus)

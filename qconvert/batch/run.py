@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from qconvert.batch.jobs import verify
 from qconvert.batch.manifest import Job, Manifest
+from qconvert.errors import QConvertError
 from qconvert.output import write_json_atomically
 
 STATE = ".qconvert-batch"
@@ -52,14 +54,15 @@ def _command(manifest: Manifest, job: Job) -> list[str]:
             "--json", "-q", "--overwrite", "--device", manifest.device,
             "--imatrix-cache", str(_state_dir(manifest) / "imatrix"),
             "--eval-dataset", str(ev.get("dataset", "heldout")), "--eval-samples", str(ev.get("samples", 40)),
-            "--eval-seq-len", str(ev.get("seq_len", 512))]
+            "--eval-seq-len", str(ev.get("seq_len", 512)), "--gpus", str(manifest.gpus)]
 
 
-def run_one(manifest: Manifest, job: Job, resume: bool) -> dict:
+def run_one(manifest: Manifest, job: Job, resume: bool, env: dict | None = None) -> dict:
+    """One job in its own process; env: variables for it (the GPUs it may use)."""
     if resume and (done := _resumable(manifest, job)) is not None:
         return done
     _clear_partials(job.output)
-    proc = subprocess.run(_command(manifest, job), capture_output=True, text=True, env={**os.environ})
+    proc = subprocess.run(_command(manifest, job), capture_output=True, text=True, env={**os.environ, **(env or {})})
     try:
         result = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -86,11 +89,37 @@ def push(output: Path, repo: str) -> str:
     return repo
 
 
+def gpu_slots(manifest: Manifest, jobs: int) -> list[dict]:
+    """The environment of each of `jobs` concurrent job slots: on GPUs, each slot its own `gpus` devices
+    (CUDA_VISIBLE_DEVICES) where there are enough; single-GPU jobs share when there are not."""
+    if jobs == 1 or manifest.device == "cpu":
+        return [{}] * jobs
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d for d in listed.split(",") if d.strip()] if listed is not None else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if len(visible) < jobs * manifest.gpus:
+        if manifest.gpus == 1 or not visible:  # (no GPU: each job's own command says what is wrong)
+            return [{}] * jobs
+        raise QConvertError(f"--jobs {jobs} x gpus {manifest.gpus}: {len(visible)} GPU(s) visible; jobs running "
+                            "at once get GPUs of their own (fewer --jobs, or device: cpu)")
+    n = manifest.gpus
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(visible[i * n:(i + 1) * n])} for i in range(jobs)]
+
+
 def run_batch(manifest: Manifest, jobs: int = 1, resume: bool = False, on_result=lambda job, r: None) -> list[dict]:
     _state_dir(manifest).mkdir(parents=True, exist_ok=True)
+    free: queue.Queue = queue.Queue()
+    for env in gpu_slots(manifest, jobs):
+        free.put(env)
 
     def one(job: Job) -> dict:
-        result = {"id": job.id, **run_one(manifest, job, resume)}
+        env = free.get()
+        try:
+            result = {"id": job.id, **run_one(manifest, job, resume, env)}
+        finally:
+            free.put(env)
         on_result(job, result)
         return result
 

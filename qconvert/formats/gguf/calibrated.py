@@ -62,6 +62,7 @@ class CalibratedTensors:
 
     def __init__(self):
         self.encoded: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+        self.errors: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}  # ||W - Q||^2, ||W||^2
         self.floats: dict[str, torch.Tensor] = {}
         self._outside: set[str] = set()
 
@@ -75,24 +76,28 @@ class CalibratedTensors:
     def add_quantized(self, name: str, qt) -> None:
         if isinstance(qt, GGUFTensor):
             self.encoded[name] = {(r.start, r.stop): raw.cpu() for r, raw in qt.parts}
+            self.errors[name] = {(r.start, r.stop): e for (r, _), e in zip(qt.parts, qt.errors)}
         else:
             self.floats[name] = qt.dequantize().detach().cpu()
 
     def loader(self, read: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
         return lambda name: self.floats[name] if name in self.floats else read(name)
 
-    def bytes_for(self, spec: TensorSpec, rows: Callable[[str], int]) -> np.ndarray | None:
-        """The GGUF tensor's bytes from its checkpoint rows' bytes, or None if the engine did not make them."""
+    def bytes_for(self, spec: TensorSpec, rows: Callable[[str], int]) -> tuple[np.ndarray, float] | None:
+        """The GGUF tensor's bytes from its checkpoint rows' bytes, and their relative squared error; None if
+        the engine did not make them."""
         if not spec.hf_names or any(n not in self.encoded for n in spec.hf_names):
             return None
-        parts = []
+        parts, err, norm = [], 0.0, 0.0
         for name in spec.hf_names:
             span = _row_range(spec, rows(name))
             if span not in self.encoded[name]:
                 return None
             parts.append(self.encoded[name][span])
+            e, n = self.errors[name][span]
+            err, norm = err + e, norm + n
         t = torch.cat(parts)  # experts one after another, as GGUF stores a 3-D tensor
         for op in spec.transform:
             if op[0] == "permute":
                 t = _permute(t, op[1])
-        return t.contiguous().numpy()
+        return t.contiguous().numpy(), err / max(norm, 1e-30)

@@ -40,18 +40,19 @@ class TensorRecord:
     type: str
     shape: list[int]  # GGUF order (columns first)
     bytes: int
-    weight_error: float | None  # ||W - Q||^2 / ||W||^2 on up to ERROR_ROWS rows spread over the tensor
+    weight_error: float | None  # ||W - Q||^2 / ||W||^2: on up to ERROR_ROWS rows spread over the tensor, or
+    # on every row where the layer-by-layer engine made the bytes
     seconds: float
     quantize_seconds: float = 0.0  # of which in the quantizer (the intermediate type's rounding included)
 
 
 def sampled_error(encoded: np.ndarray, qtype: Q, values: torch.Tensor) -> float:
     """Relative squared error of the encoded tensor on evenly spaced rows (GGUF rows are independent)."""
-    rows = values.reshape(-1, values.shape[-1]).float()
+    rows = values.reshape(-1, values.shape[-1])
     pick = torch.linspace(0, rows.shape[0] - 1, min(ERROR_ROWS, rows.shape[0])).round().long()
     raw = np.ascontiguousarray(encoded).view(np.uint8).reshape(rows.shape[0], -1)[pick.numpy()]
     approx = quants.dequantize(raw, qtype, (len(pick), rows.shape[1]))
-    ref = rows[pick]
+    ref = rows[pick].float()
     return float((approx - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
 
 
@@ -107,8 +108,9 @@ def _imatrix_for(spec: TensorSpec, imatrix: Imatrix | None) -> torch.Tensor | No
 
 
 def read_values(spec: TensorSpec, loader: Callable[[str], torch.Tensor], intermediate: Q) -> tuple[torch.Tensor, bool]:
-    """The tensor's float32 values, and whether they already lie on the intermediate type's grid (moved,
-    not computed, from tensors stored in that type), where llama-quantize's rounding changes nothing."""
+    """The tensor's values (float32, or the stored dtype where they are only moved), and whether they
+    already lie on the intermediate type's grid (moved, not computed, from tensors stored in that type),
+    where llama-quantize's rounding changes nothing."""
     dtypes = []
 
     def recording(name: str) -> torch.Tensor:
@@ -116,7 +118,7 @@ def read_values(spec: TensorSpec, loader: Callable[[str], torch.Tensor], interme
         dtypes.append(t.dtype)
         return t
 
-    values = tensor_data(spec, recording)
+    values = tensor_data(spec, recording, as_stored=True)
     return values, spec.moves_only and bool(dtypes) and all(d == _ROUND.get(intermediate) for d in dtypes)
 
 
@@ -128,7 +130,8 @@ def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imat
         return encode_float(data, qtype)
     data = data.to(device)
     if intermediate in _ROUND and not on_grid:  # llama-quantize reads the intermediate file's rounded values
-        data = data.to(_ROUND[intermediate]).float()
+        data = data.to(_ROUND[intermediate])
+    data = data.float()
     mats = data.reshape(-1, data.shape[-2], data.shape[-1])
     weights = _imatrix_for(spec, imatrix)
     out = []
@@ -143,12 +146,12 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
           device: torch.device = torch.device("cpu"),
           on_tensor: Callable[[str, Q], None] = lambda name, qtype: None,
           types: dict[str, Q] | None = None,
-          encoded: Callable[[TensorSpec], np.ndarray | None] = lambda spec: None,
+          encoded: Callable[[TensorSpec], tuple[np.ndarray, float] | None] = lambda spec: None,
           threads: int | None = None) -> dict[str, TensorRecord]:
     """Write the quantized file; returns what every tensor became. imatrix_file: the path to record in
     the file's metadata, as the user gave it to llama-quantize. types: each tensor's type, when already
-    chosen; encoded: a tensor's bytes when a calibrated algorithm made them (None: quantized here); threads:
-    the CPU quantizers' threads (None: every core)."""
+    chosen; encoded: a tensor's bytes and relative squared error when a calibrated algorithm made them
+    (None: read and quantized here); threads: the CPU quantizers' threads (None: every core)."""
     types = types or plan_types(plan, intermediate, ftype, imatrix is not None)
     by_name = {s.gguf_name: s for s in plan.tensors}
     order = [by_name[n] for n in quantizer_order(list(by_name))]
@@ -168,27 +171,37 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
     records = {}
     # the next tensor is read (and permuted) while this one is quantized: the C quantizers release the GIL
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reader:
-        upcoming = [reader.submit(read_values, spec, loader, intermediate) for spec in order[:1]]
+        upcoming = [reader.submit(_fetch, spec, loader, intermediate, encoded) for spec in order[:1]]
         for i, spec in enumerate(order):
             start = time.perf_counter()
-            values, on_grid = upcoming.pop().result()
+            fetched = upcoming.pop().result()
             if i + 1 < len(order):
-                upcoming.append(reader.submit(read_values, order[i + 1], loader, intermediate))
-            records[spec.gguf_name] = _write_tensor(writer, spec, values, on_grid, types[spec.gguf_name],
-                                                    intermediate, imatrix, device, threads, encoded, start)
+                upcoming.append(reader.submit(_fetch, order[i + 1], loader, intermediate, encoded))
+            records[spec.gguf_name] = _write_tensor(writer, spec, fetched, types[spec.gguf_name], intermediate,
+                                                    imatrix, device, threads, start)
             on_tensor(spec.gguf_name, types[spec.gguf_name])
     writer.close()
     return records
 
 
-def _write_tensor(writer: gguf.GGUFWriter, spec: TensorSpec, values: torch.Tensor, on_grid: bool, qtype: Q,
-                  intermediate: Q, imatrix: Imatrix | None, device: torch.device, threads: int | None, encoded,
-                  start: float) -> TensorRecord:
-    data = encoded(spec)
+def _fetch(spec: TensorSpec, loader, intermediate: Q, encoded) -> tuple:
+    """(bytes and error an algorithm made, None, False), or (None, values, on_grid) to quantize here: a
+    tensor the engine made is not read again."""
+    made = encoded(spec)
+    return (made, None, False) if made is not None else (None, *read_values(spec, loader, intermediate))
+
+
+def _write_tensor(writer: gguf.GGUFWriter, spec: TensorSpec, fetched: tuple, qtype: Q, intermediate: Q,
+                  imatrix: Imatrix | None, device: torch.device, threads: int | None, start: float) -> TensorRecord:
+    made, values, on_grid = fetched
     quantizing = time.perf_counter()
-    if data is None:
+    if made is None:
         data = encode(spec, values, qtype, intermediate, imatrix, device, threads, on_grid)
+    else:
+        data, error = made
     quantized = time.perf_counter()
     writer.write_tensor_data(data)
-    return TensorRecord(qtype.name, list(spec.shape), data.nbytes, sampled_error(data, qtype, values),
-                        round(time.perf_counter() - start, 4), round(quantized - quantizing, 4))
+    if made is None:
+        error = sampled_error(data, qtype, values)
+    return TensorRecord(qtype.name, list(spec.shape), data.nbytes, error, round(time.perf_counter() - start, 4),
+                        round(quantized - quantizing, 4))

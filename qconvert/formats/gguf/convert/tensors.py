@@ -338,21 +338,25 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_data(spec: TensorSpec, loader: Loader) -> torch.Tensor:
+def tensor_data(spec: TensorSpec, loader: Loader, as_stored: bool = False) -> torch.Tensor:
     """The tensor's values (float32, torch shape) computed from the checkpoint through loader(name).
 
     Transforms run in the source dtype when it is float16/float32 and in float32 otherwise (bf16 ...),
-    like llama.cpp's converter, so values (e.g. Gemma's f16 norm + 1) match it bit for bit."""
+    like llama.cpp's converter, so values (e.g. Gemma's f16 norm + 1) match it bit for bit. as_stored:
+    a tensor whose transforms only move values keeps the stored dtype (widening is exact and can wait
+    for the device that quantizes it, at half the bytes to move)."""
+    keep = as_stored and spec.moves_only
+    working = (lambda t: t) if keep else _working  # noqa: E731
     t: torch.Tensor | None = None
     for op in spec.transform:
         kind = op[0]
         if kind == "const":
             t = torch.tensor(op[1], dtype=torch.float32)
         elif kind == "stack":
-            t = torch.stack([_working(loader(n)) for n in spec.hf_names], dim=0)
+            t = torch.stack([working(loader(n)) for n in spec.hf_names], dim=0)
         else:
             if t is None:
-                t = _working(loader(spec.hf_names[0]))
+                t = working(loader(spec.hf_names[0]))
             if kind == "slice":
                 _, dim, start, stop = op
                 t = t.narrow(dim, start, stop - start).contiguous()
@@ -363,7 +367,7 @@ def tensor_data(spec: TensorSpec, loader: Loader) -> torch.Tensor:
             else:
                 raise ValueError(f"unknown transform {op!r}")
     if t is None:
-        t = _working(loader(spec.hf_names[0]))
+        t = working(loader(spec.hf_names[0]))
     if tuple(t.shape) != spec.torch_shape:
         raise ValueError(f"{spec.gguf_name}: computed shape {tuple(t.shape)} != planned {spec.torch_shape}")
-    return t.to(torch.float32)
+    return t if keep else t.to(torch.float32)

@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 import torch
 
-from . import floats, kquants, legacy, native
+from . import dequant, floats, kquants, legacy, native
 
 T = gguf.GGMLQuantizationType
 
@@ -153,13 +153,17 @@ def quantize(w: torch.Tensor, qtype, imatrix: torch.Tensor | None = None, thread
 
 
 def dequantize(data, qtype, shape) -> torch.Tensor:
-    """GGUF tensor bytes -> float32 tensor of `shape` (via gguf-py's reference dequantizers)."""
+    """GGUF tensor bytes -> float32 tensor of `shape`, on the bytes' device when they are a tensor
+    (`dequant`; gguf-py's NumPy dequantizers for the types qconvert does not write)."""
     qtype = T(qtype)
+    shape = tuple(int(s) for s in shape)
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if qtype in dequant.DEQUANTIZERS:
+        raw = data if torch.is_tensor(data) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return dequant.DEQUANTIZERS[qtype](raw.reshape(rows, -1)).reshape(shape)
     if torch.is_tensor(data):
         data = data.detach().cpu().numpy()
     raw = np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray))
                                else np.asarray(data, dtype=np.uint8))
-    shape = tuple(int(s) for s in shape)
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     values = gguf.quants.dequantize(raw.reshape(rows, -1), qtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
