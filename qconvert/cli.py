@@ -313,7 +313,8 @@ def gguf(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL-TYPE.gguf).")] = None,
     method: Annotated[str, typer.Option("--method", help="plain: llama.cpp's result; imatrix: llama.cpp's with an "
                                         "importance matrix from --dataset (= --imatrix); gptq: codes and scales "
-                                        "chosen with GPTQ's error compensation on the same GGUF types.")] = "plain",
+                                        "chosen with GPTQ's error compensation on the same GGUF types; awq: AWQ's "
+                                        "activation-aware scales folded in first, then the imatrix quantizers.")] = "plain",
     imatrix: Annotated[bool, typer.Option("--imatrix", help="Compute an importance matrix from --dataset.")] = False,
     imatrix_file: Annotated[Optional[Path], typer.Option("--imatrix-file", help="Use llama.cpp's imatrix file.")] = None,
     save_imatrix: Annotated[Optional[Path], typer.Option("--save-imatrix", help="Also write the imatrix used.")] = None,

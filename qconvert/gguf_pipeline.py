@@ -24,7 +24,8 @@ from qconvert.pipeline import Calibration, Discard, calibration_tokens, resolve_
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
 TYPES = tuple(FILE_TYPES)
-METHODS = ("plain", "imatrix", "gptq")
+METHODS = ("plain", "imatrix", "gptq", "awq")
+ENGINE_METHODS = ("gptq", "awq")  # codes and scales chosen in the layer-by-layer engine
 _STORAGE = {"BF16": Q.BF16, "F16": Q.F16, "F32": Q.F32}
 
 
@@ -40,7 +41,7 @@ class GGUFRequest:
     device: str = "auto"
     overwrite: bool = False
     command: str = ""
-    method: str = "plain"  # plain | imatrix (llama.cpp's results) | gptq (calibrated codes and scales)
+    method: str = "plain"  # plain | imatrix (llama.cpp's results) | gptq | awq (calibrated in the engine)
     threads: int = 0  # CPU quantizer threads; 0: every core this process may use
 
 
@@ -89,8 +90,8 @@ def check_method(req: GGUFRequest, type_name: str) -> None:
         raise QConvertError(f"calibration (--imatrix, --method) only applies to quantized types, not {type_name}")
     if req.imatrix and req.imatrix_file:
         raise QConvertError("give either --imatrix (compute one) or --imatrix-file, not both")
-    if req.method == "gptq" and (req.imatrix or req.imatrix_file):
-        raise QConvertError("--method gptq computes its own importance from the calibration data: "
+    if req.method in ENGINE_METHODS and (req.imatrix or req.imatrix_file):
+        raise QConvertError(f"--method {req.method} computes its own importance from the calibration data: "
                             "drop --imatrix / --imatrix-file")
 
 
@@ -109,8 +110,8 @@ def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype:
         if req.imatrix:
             importance = collect_imatrix(ckpt, gguf_plan, req.calibration, req.device, on_layer)
         if not ranks.writes:  # another process writes; this one calibrated its share
-            if req.method == "gptq":
-                _write_gptq(req, ckpt, gguf_plan, FILE_TYPES[type_name], None, on_layer, on_tensor)
+            if req.method in ENGINE_METHODS:
+                _write_calibrated(req, ckpt, gguf_plan, FILE_TYPES[type_name], None, on_layer, on_tensor)
             return None
         return _write(req, type_name, source, ckpt, gguf_plan, importance, on_layer, on_tensor, start)
     finally:
@@ -126,8 +127,8 @@ def _write(req: GGUFRequest, type_name: str, source: Path, ckpt: Checkpoint, ggu
         if is_float:
             write_gguf(gguf_plan, ckpt.get, tmp, type_name)
             records = _float_records(gguf_plan, _STORAGE[type_name])
-        elif req.method == "gptq":
-            records = _write_gptq(req, ckpt, gguf_plan, FILE_TYPES[type_name], tmp, on_layer, on_tensor)
+        elif req.method in ENGINE_METHODS:
+            records = _write_calibrated(req, ckpt, gguf_plan, FILE_TYPES[type_name], tmp, on_layer, on_tensor)
         else:
             dev, _ = resolve_device(req.device)
             recorded = req.imatrix_file or req.save_imatrix
@@ -139,10 +140,11 @@ def _write(req: GGUFRequest, type_name: str, source: Path, ckpt: Checkpoint, ggu
     return summary
 
 
-def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path | None, on_layer,
-                on_tensor):
-    """GPTQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's layout
-    (out None: a rank that does not write)."""
+def _write_calibrated(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path | None, on_layer,
+                      on_tensor):
+    """GPTQ or AWQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's
+    layout (out None: a rank that does not write)."""
+    from qconvert.algorithms.gguf_awq import GGUFAWQConfig
     from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
     from qconvert.engine import EngineOptions, convert
     from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
@@ -150,7 +152,8 @@ def _write_gptq(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, 
 
     intermediate = intermediate_type(ckpt)
     types = quantized_file.plan_types(gguf_plan, intermediate, ftype, has_imatrix=True)
-    config = GGUFGPTQConfig(row_types(gguf_plan, types, ckpt.shape))
+    rows = row_types(gguf_plan, types, ckpt.shape)
+    config = GGUFGPTQConfig(rows) if req.method == "gptq" else GGUFAWQConfig(types=rows)
     dev, dtype = resolve_device(req.device)
     store = CalibratedTensors() if out is not None else Discard()
     convert(ckpt, architecture_for(ckpt.model_type), config, store, calibration_tokens(ckpt.path, req.calibration),

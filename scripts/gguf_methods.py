@@ -1,12 +1,13 @@
 """GGUF Q4_K_M (or another k-quant mixture) by calibration method, side by side on one model: llama.cpp's
 plain and imatrix results, qconvert's `--method gptq`, and Intel AutoRound's GGUF export. Perplexity through
 llama.cpp itself on the held-out text (which calibration never sees), size, and the time each took.
+qconvert's own methods: `gguf --method gptq` and `--method awq`.
 
 Every calibrated method reads the same 128 x 512-token calibration windows of the bundled `mixed` set
 (AutoRound gets them as a local .jsonl, one window per line; it tokenizes each back to 512 tokens).
 
     python scripts/fetch_models.py && bash scripts/build_llama_cpp.sh && . ~/.cache/qconvert/llama.cpp-0.3.36/env.sh
-    python scripts/gguf_methods.py [--model smollm2-135m] [--type Q4_K_M] [--methods plain,imatrix,gptq,autoround]
+    python scripts/gguf_methods.py [--model smollm2-135m] [--type Q4_K_M] [--methods plain,imatrix,gptq,awq,autoround]
         [--autoround-path DIR]   # a folder holding auto_round 0.15.1 (pip install --target DIR auto-round==0.15.1)
 
 Each output is kept in --work and reused by a later run; delete it to measure again.
@@ -47,7 +48,7 @@ def produce(method: str, model: Path, type_name: str, out: Path, work: Path, arg
     qc = [sys.executable, "-m", "qconvert", "gguf", str(model)]
     if method == "bf16":
         cmd = qc + ["BF16", "-o", str(out), "-q"]
-    elif method in ("plain", "imatrix", "gptq"):
+    elif method in ("plain", "imatrix", "gptq", "awq"):
         cmd = qc + [type_name, "--method", method, "-o", str(out), "-q", "--device", args.device]
     elif method == "autoround":
         data = calibration_jsonl(model, work / "calibration.jsonl", 128, 512)
@@ -75,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--type", default="Q4_K_M")
-    ap.add_argument("--methods", default="plain,imatrix,gptq,autoround")
+    ap.add_argument("--methods", default="plain,imatrix,gptq,awq,autoround")
     ap.add_argument("--autoround-path", default="/tmp/ar/site")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunks", type=int, default=40, help="held-out chunks of 512 tokens for llama-perplexity")
@@ -99,6 +100,8 @@ def main() -> None:
             entry.update(seconds=round(seconds, 1), ppl=None)
         if entry.get("ppl") is None:
             entry["ppl"] = oracle.perplexity(out, text, ctx=512, extra_args=("--chunks", str(args.chunks)))
+        # merged into what is on disk now: another run of this script may have finished other methods meanwhile
+        results = {**(json.loads(done.read_text()) if done.exists() else {}), out.name: entry}
         done.write_text(json.dumps(results, indent=1))
         rows.append((method, out.stat().st_size / 2**20, entry["ppl"], entry.get("seconds")))
         base = rows[0][2]

@@ -6,6 +6,7 @@
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+unset PYTHONDONTWRITEBYTECODE  # the machine sets it: every process would compile transformers' sources again
 nvidia-smi -L
 python3 - <<'PY' || exit 1
 import torch
@@ -36,8 +37,8 @@ from w4_gpu_bench import make_model, calibration_ids
 make_model(4, Path('.peer/tok')); calibration_ids(Path('/tmp/ids.pt'))"
 TIMEFORMAT='%R s'
 for run in 1 2; do
-  echo "int4 gptq (run $run):"; time python3 -m qconvert gptq /tmp/m8 --w-bit 4 --group 128 --dataset /tmp/ids.pt -o /tmp/out-gptq --overwrite -q
+  rm -rf /tmp/out-gptq; echo "int4 gptq (run $run):"; time python3 -m qconvert gptq /tmp/m8 --w-bit 4 --group 128 --dataset /tmp/ids.pt -o /tmp/out-gptq -q --json | python3 -c "import json,sys; print('  in-process', json.load(sys.stdin)['seconds'], 's')"
 done
 for m in gptq imatrix plain; do
-  echo "gguf Q4_K_M --method $m:"; time python3 -m qconvert gguf /tmp/m8 Q4_K_M --method $m --dataset /tmp/ids.pt -o /tmp/g-$m.gguf --overwrite -q --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('  in-process', d['seconds'], 's; quantize', d['quantize_seconds'], 's')"
+  rm -f /tmp/g-$m.gguf; echo "gguf Q4_K_M --method $m:"; time python3 -m qconvert gguf /tmp/m8 Q4_K_M --method $m --dataset /tmp/ids.pt -o /tmp/g-$m.gguf -q --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('  in-process', d['seconds'], 's; quantize', d['quantize_seconds'], 's')"
 done

@@ -84,7 +84,7 @@ def register(config_type: type):
 
 def algorithm_for(config, arch) -> Algorithm:
     # importing the modules registers them
-    from qconvert.algorithms import awq, fp8, gguf_gptq, gptq, int8, rtn  # noqa: F401
+    from qconvert.algorithms import awq, fp8, gguf_awq, gguf_gptq, gptq, int8, rtn  # noqa: F401
 
     try:
         cls = _ALGORITHMS[type(config)]

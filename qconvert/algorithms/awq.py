@@ -72,6 +72,7 @@ class _Group:
     stored_tokens: int = 0
     abs_sum: torch.Tensor | float = 0.0  # Σ|x| per input channel over every token
     abs_max: torch.Tensor | float = 0.0  # max |x| per input channel (SmoothQuant)
+    square_sum: torch.Tensor | float = 0.0  # Σx² per input channel (the GGUF quantizers' importance)
     tokens: int = 0
     scale: torch.Tensor | None = None
 
@@ -80,6 +81,7 @@ class _Group:
         n = x.numel() // x.shape[-1]
         a = x.reshape(n, -1).abs().float()
         self.abs_sum = self.abs_sum + a.sum(0)
+        self.square_sum = self.square_sum + a.square().sum(0)
         self.abs_max = torch.maximum(torch.as_tensor(self.abs_max, device=a.device), a.amax(0))
         self.tokens += n
         if self.stored_tokens < limit:
@@ -93,6 +95,7 @@ class _Group:
         width, device = self.linears[0].in_features, self.linears[0].weight.device
         vector = lambda v: v if isinstance(v, torch.Tensor) else torch.full((width,), float(v), device=device)  # noqa: E731
         self.abs_sum = ranks.sum_(vector(self.abs_sum))
+        self.square_sum = ranks.sum_(vector(self.square_sum))
         self.abs_max = ranks.max_(vector(self.abs_max))
         (tokens,) = ranks.add([self.tokens])
         self.tokens = int(tokens)
@@ -163,6 +166,7 @@ class _TokenSample:
 @register(AWQConfig)
 class AWQ(Algorithm):
     divides_work = True  # the search and clipping are divided among ranks; the rounding itself is cheap
+    tries_no_scale = False  # s = 1 among the candidates (AWQ's grid does not hold it)
 
     def __init__(self, config: AWQConfig, arch):
         super().__init__(config, arch)
@@ -223,23 +227,29 @@ class AWQ(Algorithm):
         w_mean = _normalised_weight_mean(torch.cat(originals), cfg.group_size)
         reference = [_output_of(g.inspect(*a, **k)) for a, k in g.calls]
         variants = {"duo": [True], "activation": [False], "both": [True, False]}[cfg.scale_search]
-        best, best_loss = None, float("inf")
+        candidates = [torch.ones_like(x_mean)] if self.tries_no_scale else []
         for duo in variants:
             for step in range(cfg.grid):
                 alpha = step / cfg.grid
                 s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)
                 s = s.clamp(min=1e-4)
-                s = s / (s.max() * s.min()).sqrt()
-                for lin, w in zip(g.linears, originals):
-                    lin.weight.data = (_fake_quantize(w.float() * s, cfg) / s).to(w.dtype)
-                loss = float(sum((_output_of(g.inspect(*a, **k)).float() - r.float()).pow(2).sum()
-                                 for (a, k), r in zip(g.calls, reference)))  # one sync per grid point
-                (loss,) = ranks.add([loss])
-                if loss < best_loss:
-                    best, best_loss = s, loss
+                candidates.append(s / (s.max() * s.min()).sqrt())
+        best, best_loss = None, float("inf")
+        for s in candidates:
+            for lin, w in zip(g.linears, originals):
+                lin.weight.data = (self._fake_quantize(lin, w.float() * s, s, g) / s).to(w.dtype)
+            loss = float(sum((_output_of(g.inspect(*a, **k)).float() - r.float()).pow(2).sum()
+                             for (a, k), r in zip(g.calls, reference)))  # one sync per grid point
+            (loss,) = ranks.add([loss])
+            if loss < best_loss:
+                best, best_loss = s, loss
         for lin, w in zip(g.linears, originals):
             lin.weight.data = w
         return best if best is not None else torch.ones_like(x_mean)
+
+    def _fake_quantize(self, linear: nn.Linear, w: torch.Tensor, s: torch.Tensor, g: _Group) -> torch.Tensor:
+        """w (linear's weights × s) rounded as the output will round it."""
+        return _fake_quantize(w, self.config)
 
     def _fold(self, block: nn.Module, g: _Group) -> set[str]:
         return fold_scale(block, g, g.scale, self.arch.norm_offset)

@@ -86,7 +86,7 @@ class Unchanged:
         return self.weight
 
 
-def _squared_error(w: torch.Tensor, rows: RowTypes, raw: torch.Tensor, cols: int) -> tuple[float, float]:
+def squared_error(w: torch.Tensor, rows: RowTypes, raw: torch.Tensor, cols: int) -> tuple[float, float]:
     """||W - Q||^2 and ||W||^2 over a part's rows, for the file's per-tensor report (summed over the parts
     that make one GGUF tensor, so the writer need not read the weights again)."""
     ref = w[rows.start:rows.stop].float()
@@ -186,6 +186,6 @@ class GGUFGPTQ(Algorithm):
                 results.append(Unchanged(w.detach()))
                 continue
             parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix)) for r in row_types]
-            results.append(GGUFTensor(parts, cols, [_squared_error(w.detach(), r, raw, cols) for r, raw in parts]))
+            results.append(GGUFTensor(parts, cols, [squared_error(w.detach(), r, raw, cols) for r, raw in parts]))
         return results
 

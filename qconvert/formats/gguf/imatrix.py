@@ -29,12 +29,24 @@ class SquaredSums:
 
     def __init__(self, cols: int, device):
         self.sums = torch.zeros(cols, dtype=torch.float64, device=device)
+        self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.sums += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
+        x = x.reshape(-1, x.shape[-1])
+        self.sums += x.float().pow(2).sum(0).double()
+        self.tokens += x.shape[0]
 
     def reduce(self, ranks) -> None:
         ranks.sum_(self.sums)
+        (tokens,) = ranks.add([self.tokens])
+        self.tokens = int(tokens)
+
+    def mean(self) -> torch.Tensor:
+        """llama.cpp's importance: the mean x² per column, in float32 as llama-quantize divides the file's sums
+        (Entry.values); 1 where no token came."""
+        if not self.tokens:
+            return torch.ones_like(self.sums, dtype=torch.float32)
+        return self.sums.float() / torch.tensor(float(self.tokens), dtype=torch.float32, device=self.sums.device)
 
 
 @dataclass
