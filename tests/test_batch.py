@@ -50,7 +50,8 @@ def test_bundled_recipes_are_valid(qconvert):
     ("method: gptq\nparams: {bits: 5}\n", "--w-bit 5 is not supported"),
     ("method: awq\nformat: gguf\n", "format 'gguf' is not one of awq, compressed-tensors, marlin"),
     ("method: gguf\nparams: {type: Q4_K_X}\n", "unknown GGUF type 'Q4_K_X'"),
-    ("method: gguf\nparams: {type: Q4_K_M, method: awq}\n", "params.method: 'awq' is not one of plain, imatrix, gptq"),
+    ("method: gguf\nparams: {type: Q4_K_M, method: smoothquant}\n",
+     "params.method: 'smoothquant' is not one of plain, imatrix, gptq, awq"),
     ("method: rtn\ngates: {max_kl: -1}\n", "gates.max_kl: a number >= 0"),
     ("method: rtn\ngates: {max_ppl: 3}\n", "unknown key 'max_ppl' (allowed: max_ppl_increase_pct, max_kl)"),
 ])
