@@ -72,7 +72,9 @@ class _Group:
     stored_tokens: int = 0
     abs_sum: torch.Tensor | float = 0.0  # Σ|x| per input channel over every token
     abs_max: torch.Tensor | float = 0.0  # max |x| per input channel (SmoothQuant)
-    square_sum: torch.Tensor | float = 0.0  # Σx² per input channel (the GGUF quantizers' importance)
+    # Σx² per input channel, summed only when a caller starts it at 0 (GGUF AWQ's importance): a second pass
+    # over every calibration token that int4 AWQ does not need
+    square_sum: torch.Tensor | float | None = None
     tokens: int = 0
     scale: torch.Tensor | None = None
 
@@ -81,7 +83,8 @@ class _Group:
         n = x.numel() // x.shape[-1]
         a = x.reshape(n, -1).abs().float()
         self.abs_sum = self.abs_sum + a.sum(0)
-        self.square_sum = self.square_sum + a.square().sum(0)
+        if self.square_sum is not None:
+            self.square_sum = self.square_sum + a.square().sum(0)
         self.abs_max = torch.maximum(torch.as_tensor(self.abs_max, device=a.device), a.amax(0))
         self.tokens += n
         if self.stored_tokens < limit:
@@ -95,7 +98,8 @@ class _Group:
         width, device = self.linears[0].in_features, self.linears[0].weight.device
         vector = lambda v: v if isinstance(v, torch.Tensor) else torch.full((width,), float(v), device=device)  # noqa: E731
         self.abs_sum = ranks.sum_(vector(self.abs_sum))
-        self.square_sum = ranks.sum_(vector(self.square_sum))
+        if self.square_sum is not None:
+            self.square_sum = ranks.sum_(vector(self.square_sum))
         self.abs_max = ranks.max_(vector(self.abs_max))
         (tokens,) = ranks.add([self.tokens])
         self.tokens = int(tokens)

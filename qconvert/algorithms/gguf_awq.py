@@ -16,7 +16,7 @@ from torch import nn
 
 from qconvert.algorithms import InputSet, register
 from qconvert.algorithms.awq import AWQ, AWQConfig, _Group
-from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged, squared_error
+from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.imatrix import SquaredSums
 
@@ -32,13 +32,9 @@ class GGUFAWQConfig(AWQConfig):
     clip: bool = False
 
 
-def _round_trip(w: torch.Tensor, row_types: tuple[RowTypes, ...], importance: torch.Tensor) -> torch.Tensor:
-    """w's values after the GGUF types of its rows quantize them (float32)."""
-    out = torch.empty_like(w, dtype=torch.float32)
-    for r in row_types:
-        raw = quants.quantize(w[r.start:r.stop].float(), r.qtype, importance)
-        out[r.start:r.stop] = quants.dequantize(raw, r.qtype, (r.stop - r.start, w.shape[1]))
-    return out
+def _encode(w: torch.Tensor, row_types: tuple[RowTypes, ...], importance: torch.Tensor | None) -> list:
+    """w's rows in their GGUF types by llama.cpp's quantizers: the parts of a GGUFTensor."""
+    return [(r, quants.quantize(w[r.start:r.stop].float(), r.qtype, importance)) for r in row_types]
 
 
 @register(GGUFAWQConfig)
@@ -47,13 +43,17 @@ class GGUFAWQ(AWQ):
 
     def observe(self, block, sets):
         self.row_types = {id(lin): self.config.types.get(f) for s in sets for lin, f in zip(s.linears, s.files)}
-        return super().observe(block, sets)
+        handles = super().observe(block, sets)
+        for g in self.groups:  # the search's importance
+            g.square_sum = 0.0
+        return handles
 
     def _fake_quantize(self, linear: nn.Linear, w: torch.Tensor, s: torch.Tensor, g: _Group) -> torch.Tensor:
         row_types = self.row_types.get(id(linear))
         if not row_types:
             return w
-        return _round_trip(w, row_types, g.square_sum / max(g.tokens, 1) / s.square())
+        importance = g.square_sum / max(g.tokens, 1) / s.square()
+        return GGUFTensor(_encode(w, row_types, importance), w.shape[1]).dequantize()
 
     def statistics(self, inputs: InputSet) -> SquaredSums:
         weight = inputs.linears[0].weight
@@ -67,6 +67,5 @@ class GGUFAWQ(AWQ):
             if not row_types:
                 results.append(Unchanged(w))
                 continue
-            parts = [(r, quants.quantize(w[r.start:r.stop].float(), r.qtype, importance)) for r in row_types]
-            results.append(GGUFTensor(parts, w.shape[1], [squared_error(w, r, raw, w.shape[1]) for r, raw in parts]))
+            results.append(GGUFTensor.of(w, _encode(w, row_types, importance)))
         return results

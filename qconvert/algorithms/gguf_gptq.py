@@ -60,6 +60,18 @@ class GGUFTensor:
     cols: int
     errors: list[tuple[float, float]] = field(default_factory=list)  # per part: ||W - Q||^2, ||W||^2
 
+    @classmethod
+    def of(cls, w: torch.Tensor, parts: list[tuple[RowTypes, torch.Tensor]]) -> "GGUFTensor":
+        """w's bytes, with each part's squared error against w for the file's per-tensor report (summed over
+        the parts that make one GGUF tensor, so the writer need not read the weights again)."""
+        cols = w.shape[1]
+        errors = []
+        for r, raw in parts:
+            ref = w[r.start:r.stop].float()
+            err = ref - quants.dequantize(raw, r.qtype, (r.stop - r.start, cols))
+            errors.append((float(err.pow(2).sum()), float(ref.pow(2).sum())))
+        return cls(parts, cols, errors)
+
     def dequantize(self) -> torch.Tensor:
         return torch.cat([quants.dequantize(raw, r.qtype, (r.stop - r.start, self.cols)) for r, raw in self.parts])
 
@@ -84,14 +96,6 @@ class Unchanged:
 
     def dequantize(self) -> torch.Tensor:
         return self.weight
-
-
-def squared_error(w: torch.Tensor, rows: RowTypes, raw: torch.Tensor, cols: int) -> tuple[float, float]:
-    """||W - Q||^2 and ||W||^2 over a part's rows, for the file's per-tensor report (summed over the parts
-    that make one GGUF tensor, so the writer need not read the weights again)."""
-    ref = w[rows.start:rows.stop].float()
-    err = ref - quants.dequantize(raw, rows.qtype, (rows.stop - rows.start, cols))
-    return float(err.pow(2).sum()), float(ref.pow(2).sum())
 
 
 def importance(h: torch.Tensor) -> torch.Tensor:
@@ -177,7 +181,6 @@ class GGUFGPTQ(Algorithm):
         imatrix = importance(h)  # 0 for a column nothing reached, as in llama.cpp's imatrix
         dead = imatrix == 0
         h[dead, dead] = 1  # such a column is rounded alone, passing no error on
-        cols = h.shape[0]
         u = inverse_cholesky([h.flip(0, 1).contiguous()], self.config.damp, ", ".join(inputs.names))
         del h
         results = []
@@ -186,6 +189,6 @@ class GGUFGPTQ(Algorithm):
                 results.append(Unchanged(w.detach()))
                 continue
             parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix)) for r in row_types]
-            results.append(GGUFTensor(parts, cols, [squared_error(w.detach(), r, raw, cols) for r, raw in parts]))
+            results.append(GGUFTensor.of(w.detach(), parts))
         return results
 

@@ -60,6 +60,7 @@ class Checkpoint:
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self._bin = False
+        self._headers: dict[Path, tuple[dict, int]] = {}  # safetensors file -> (header, data start), once read
         self._index_files()
 
     # -- discovery -------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Checkpoint:
         """Tensors of one safetensors file, read into fresh memory. Not through a memory map: the mapped pages
         a read touches count in the process's resident memory until it ends, which doubled the peak of a
         conversion larger than RAM."""
-        header, start = safetensors_header(file)
+        header, start = self._header(file)
         out = {}
         with open(file, "rb", buffering=0) as f:
             for n in names:
@@ -180,13 +181,19 @@ class Checkpoint:
                 out[n] = t
         return out
 
+    def _header(self, file: Path) -> tuple[dict, int]:
+        """The file's header, parsed once (every block read and every tensor the GGUF writer reads need it)."""
+        if file not in self._headers:
+            self._headers[file] = safetensors_header(file)
+        return self._headers[file]
+
     def load_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """tensor[rows] of a 2-D tensor, not checked for NaN/Inf. From safetensors only those rows' pages
         are read, through a memory map (calibration needs a few thousand rows of a 128k-row embedding)."""
         if self._bin:
             return self.load([name], check=False)[name][rows]
         file = self._file_of[name]
-        header, data_start = safetensors_header(file)
+        header, data_start = self._header(file)
         begin, end = header[name]["data_offsets"]
         n_rows = self.shape(name)[0]
         table = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + begin,
