@@ -314,7 +314,8 @@ def gguf(
     method: Annotated[str, typer.Option("--method", help="plain: llama.cpp's result; imatrix: llama.cpp's with an "
                                         "importance matrix from --dataset (= --imatrix); gptq: codes and scales "
                                         "chosen with GPTQ's error compensation on the same GGUF types; awq: AWQ's "
-                                        "activation-aware scales folded in first, then the imatrix quantizers.")] = "plain",
+                                        "activation-aware scales folded in first, then the imatrix quantizers; awq-gptq: "
+                                        "AWQ's scales, then GPTQ's compensation.")] = "plain",
     imatrix: Annotated[bool, typer.Option("--imatrix", help="Compute an importance matrix from --dataset.")] = False,
     imatrix_file: Annotated[Optional[Path], typer.Option("--imatrix-file", help="Use llama.cpp's imatrix file.")] = None,
     save_imatrix: Annotated[Optional[Path], typer.Option("--save-imatrix", help="Also write the imatrix used.")] = None,
@@ -345,7 +346,7 @@ def gguf(
                           Calibration(dataset, samples, seq_len, seed), device, overwrite, _command_line(ctx), method,
                           threads)
     config = Checkpoint(resolve_model(model)).config_dict
-    calibrating = imatrix or method in ("imatrix", "gptq")
+    calibrating = imatrix or method != "plain"
     quiet = quiet or not _leads()
     with layer_progress(config.get("num_hidden_layers", 0), method, quiet or not calibrating) as on_layer, \
             tensor_progress(None, f"gguf {type_name}", quiet) as on_tensor:

@@ -24,8 +24,8 @@ from qconvert.pipeline import Calibration, Discard, calibration_tokens, resolve_
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
 TYPES = tuple(FILE_TYPES)
-METHODS = ("plain", "imatrix", "gptq", "awq")
-ENGINE_METHODS = ("gptq", "awq")  # codes and scales chosen in the layer-by-layer engine
+METHODS = ("plain", "imatrix", "gptq", "awq", "awq-gptq")
+ENGINE_METHODS = ("gptq", "awq", "awq-gptq")  # codes and scales chosen in the layer-by-layer engine
 _STORAGE = {"BF16": Q.BF16, "F16": Q.F16, "F32": Q.F32}
 
 
@@ -41,7 +41,7 @@ class GGUFRequest:
     device: str = "auto"
     overwrite: bool = False
     command: str = ""
-    method: str = "plain"  # plain | imatrix (llama.cpp's results) | gptq | awq (calibrated in the engine)
+    method: str = "plain"  # plain | imatrix (llama.cpp's results) | gptq | awq | awq-gptq (in the engine)
     threads: int = 0  # CPU quantizer threads; 0: every core this process may use
 
 
@@ -142,9 +142,9 @@ def _write(req: GGUFRequest, type_name: str, source: Path, ckpt: Checkpoint, ggu
 
 def _write_calibrated(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, ftype, out: Path | None, on_layer,
                       on_tensor):
-    """GPTQ or AWQ onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's
+    """GPTQ, AWQ or both onto the mixture's GGUF types in the layer-by-layer engine, then the file in llama.cpp's
     layout (out None: a rank that does not write)."""
-    from qconvert.algorithms.gguf_awq import GGUFAWQConfig
+    from qconvert.algorithms.gguf_awq import GGUFAWQConfig, GGUFAWQGPTQConfig
     from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
     from qconvert.engine import EngineOptions, convert
     from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
@@ -153,7 +153,7 @@ def _write_calibrated(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, f
     intermediate = intermediate_type(ckpt)
     types = quantized_file.plan_types(gguf_plan, intermediate, ftype, has_imatrix=True)
     rows = row_types(gguf_plan, types, ckpt.shape)
-    config = GGUFGPTQConfig(rows) if req.method == "gptq" else GGUFAWQConfig(types=rows)
+    config = {"gptq": GGUFGPTQConfig, "awq": GGUFAWQConfig, "awq-gptq": GGUFAWQGPTQConfig}[req.method](types=rows)
     dev, dtype = resolve_device(req.device)
     store = CalibratedTensors() if out is not None else Discard()
     convert(ckpt, architecture_for(ckpt.model_type), config, store, calibration_tokens(ckpt.path, req.calibration),

@@ -37,7 +37,8 @@ def _manifest(tmp_path, recipes, models=("tiny",), **extra):
 def test_bundled_recipes_are_valid(qconvert):
     names = {r.name for r in bundled()}
     assert {"w4a16-awq", "w4a16-gptq", "w4a16-gptq-actorder", "w4a16-marlin", "fp8-dynamic", "fp8-block",
-            "w8a8-int8-smoothquant", "gguf-q4_k_m", "gguf-q4_k_m-imatrix", "gguf-q8_0"} <= names
+            "w8a8-int8-smoothquant", "gguf-q4_k_m", "gguf-q4_k_m-imatrix", "gguf-q4_k_m-awq", "gguf-q4_k_m-awq-gptq",
+            "gguf-q8_0"} <= names
     res = qconvert("recipes", "--json")
     assert res.code == 0 and {r["name"] for r in res.json()} == names
 

@@ -1,7 +1,8 @@
 """`qconvert gguf --method awq`: AWQ's scales folded into the norms (and v_proj) before llama.cpp's imatrix
 quantizers. The file has llama.cpp's layout with the block linears and the folded norms changed, llama.cpp runs
 it, and with every scale 1 the first layer is byte for byte llama.cpp's imatrix result (the plumbing: the same
-importance, the same quantizers)."""
+importance, the same quantizers). `--method awq-gptq` (the same scales, then GPTQ's sweep) likewise, and with
+every scale 1 its whole file is `--method gptq`'s."""
 
 import numpy as np
 import pytest
@@ -29,10 +30,11 @@ def _tensors(path):
     return {t.name: t for t in GGUFReader(str(path)).tensors}
 
 
-def test_same_layout_as_llama_cpp_folded_norms_and_llama_cpp_runs_it(oracle, tiny_llama, tmp_path):
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_same_layout_as_llama_cpp_folded_norms_and_llama_cpp_runs_it(oracle, tiny_llama, tmp_path, method):
     ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
     run(GGUFRequest(str(tiny_llama), ref, "Q4_K_M", device="cpu"))
-    summary = run(GGUFRequest(str(tiny_llama), ours, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="awq"))
+    summary = run(GGUFRequest(str(tiny_llama), ours, "Q4_K_M", calibration=CALIBRATION, device="cpu", method=method))
     a, b = GGUFReader(str(ours)), GGUFReader(str(ref))
     assert [(t.name, t.tensor_type, list(t.shape)) for t in a.tensors] == \
            [(t.name, t.tensor_type, list(t.shape)) for t in b.tensors]
@@ -43,7 +45,7 @@ def test_same_layout_as_llama_cpp_folded_norms_and_llama_cpp_runs_it(oracle, tin
     # the scales went into the norms before q/k/v and gate/up; the embeddings and the output are llama.cpp's
     assert {f"blk.{i}.{n}_norm.weight" for i in (0, 1) for n in ("attn", "ffn")} <= changed
     assert not changed & {"token_embd.weight", "output.weight", "output_norm.weight"}
-    assert summary["method"] == "awq"
+    assert summary["method"] == method
     tokens = oracle.tokenize(ours, "The quick brown fox jumps over the lazy dog.")
     logits, reference = oracle.logits(ours, tokens), oracle.logits(ref, tokens)
     assert np.isfinite(logits).all()
@@ -59,6 +61,17 @@ def test_with_every_scale_1_the_first_layer_is_the_imatrix_result(tiny_llama, tm
     first = [n for n in a if n.startswith("blk.0.")]
     assert any(a[n].tensor_type not in FLOATS for n in first)
     for name in first:  # (later layers see the quantized layers' outputs, the imatrix the float model's)
+        assert np.array_equal(a[name].data, b[name].data), name
+
+
+def test_with_every_scale_1_awq_gptq_is_gptq(tiny_llama, tmp_path, monkeypatch):
+    gptq, ours = tmp_path / "gptq.gguf", tmp_path / "ours.gguf"
+    run(GGUFRequest(str(tiny_llama), gptq, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="gptq"))
+    monkeypatch.setattr(GGUFAWQ, "_search", lambda self, g, ranks: torch.ones_like(g.abs_sum))
+    run(GGUFRequest(str(tiny_llama), ours, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="awq-gptq"))
+    a, b = _tensors(ours), _tensors(gptq)
+    assert list(a) == list(b)
+    for name in a:
         assert np.array_equal(a[name].data, b[name].data), name
 
 

@@ -11,7 +11,7 @@ from gguf import GGUFReader
 from qconvert.algorithms.gguf_gptq import importance, sweep
 from qconvert.algorithms.gptq import inverse_cholesky
 from qconvert.formats.gguf import quants
-from qconvert.formats.gguf.quants import native
+from qconvert.formats.gguf.quants import legacy, native
 from qconvert.gguf_pipeline import GGUFRequest, run
 from qconvert.pipeline import Calibration
 from qconvert.testing.tiny_models import make_tiny_model
@@ -46,13 +46,34 @@ def test_lower_output_error_than_the_imatrix_path(qtype):
     assert gptq_err < 0.8 * imatrix_err, (gptq_err, imatrix_err)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K, Q.Q5_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K])
 def test_with_nothing_to_compensate_the_bytes_are_llama_cpps(qtype):
     """With H = I no error is passed on: the column-by-column rounding on llama.cpp's scales must give
-    llama.cpp's own bytes (ggml_quantize_chunk's, per the quantizer tests)."""
+    llama.cpp's own bytes (ggml_quantize_chunk's, per the quantizer tests): the k-quants round their codes
+    on the stored scales last, too."""
     w, x = _layer(512)
     imatrix = importance(2 / len(x) * x.T @ x)
     assert torch.equal(sweep(w.clone(), torch.eye(512), qtype, imatrix), quants.quantize(w, qtype, imatrix))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.Q8_0])
+@pytest.mark.parametrize("with_imatrix", [True, False], ids=["imatrix", "plain"])
+def test_the_32_value_types_keep_llama_cpps_scales_and_round_to_the_nearest_code(qtype, with_imatrix):
+    """llama.cpp's 32-value quantizers keep the codes of their scale search, made with a scale before its
+    float16 rounding (or, with an imatrix, before the least-squares refit): with H = I the sweep keeps each
+    block's stored d (and m) and rounds every value to its nearest code on them, so no value's error is
+    above llama.cpp's, and some are below."""
+    w, x = _layer(512)
+    imatrix = importance(2 / len(x) * x.T @ x) if with_imatrix else None
+    ours, theirs = sweep(w.clone(), torch.eye(512), qtype, imatrix), quants.quantize(w, qtype, imatrix)
+    size = ours.shape[1] // 16
+    ours_b, theirs_b = ours.reshape(-1, 16, size), theirs.reshape(-1, 16, size)
+    scale_bytes = 4 if legacy.CODES[qtype][3] else 2
+    assert torch.equal(ours_b[..., :scale_bytes], theirs_b[..., :scale_bytes])
+    our_err = (w - quants.dequantize(ours, qtype, w.shape)).abs()
+    their_err = (w - quants.dequantize(theirs, qtype, w.shape)).abs()
+    assert bool((our_err <= their_err + 1e-7).all())
+    assert float(our_err.pow(2).sum()) < float(their_err.pow(2).sum())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q5_1])

@@ -5,6 +5,9 @@ an ordinary GGUF file: only the values of the folded norms and of the linears' b
 
 With inputs x ÷ s and weights W·diag(s), the importance of column j (llama.cpp's mean x_j²) becomes
 mean x_j² ÷ s_j², which is what the search weights each candidate's rounding with.
+
+`--method awq-gptq` composes the two: AWQ's scales are searched and folded as above, then GPTQ's sweep
+(gguf_gptq) quantizes the folded block with the Hessians of its own inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import nn
 
 from qconvert.algorithms import InputSet, register
 from qconvert.algorithms.awq import AWQ, AWQConfig, _Group
-from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged
+from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged, hessian_of, quantize_set
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.imatrix import SquaredSums
 
@@ -69,3 +72,27 @@ class GGUFAWQ(AWQ):
                 continue
             results.append(GGUFTensor.of(w, _encode(w, row_types, importance)))
         return results
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFAWQGPTQConfig(GGUFAWQConfig):
+    """AWQ's scales (as GGUFAWQConfig), then GPTQ's sweep with GGUFGPTQConfig's damp and order."""
+
+    damp: float = 0.01
+    true_sequential: bool = True
+
+
+@register(GGUFAWQGPTQConfig)
+class GGUFAWQGPTQ(GGUFAWQ):
+    repeatable = False  # quantize() takes its Hessian
+    divides_work = False  # each input set's sweep runs on one rank
+
+    def __init__(self, config: GGUFAWQGPTQConfig, arch):
+        super().__init__(config, arch)
+        self.sequential = config.true_sequential
+
+    def statistics(self, inputs: InputSet):
+        return hessian_of(inputs)
+
+    def quantize(self, inputs, stats, scale_dtype):
+        return quantize_set(inputs, stats, self.config.types, self.config.damp)

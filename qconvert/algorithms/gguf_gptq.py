@@ -3,8 +3,9 @@ block is the GGUF type's own block quantizer (llama.cpp's, byte for byte, with t
 llama.cpp's imatrix would give it), so the output is an ordinary GGUF file.
 
 A GGUF type quantizes each row in blocks of 32 (Q8_0, Q5_0 ...) or 256 columns (the k-quants' super-blocks,
-whose sub-block scales are chosen jointly), so the columns are swept a block at a time: the block is
-quantized from its error-updated weights, and its error E goes to the columns after it as in GPTQ's
+whose sub-block scales are chosen jointly), so the columns are swept a block at a time: llama.cpp's quantizer
+picks the block's scales from its error-updated weights, the codes are rounded on them column by column with
+GPTQ's update inside the block, and the block's error E goes to the columns after it as in GPTQ's
 derivation for a set of columns fixed together. With U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), the
 optimal update of the remaining columns R given block B fixed at Q_B is
     W_R -= (W_B - Q_B) · U_BB⁻¹ · U_BR
@@ -108,7 +109,7 @@ def sweep(w: torch.Tensor, u: torch.Tensor, qtype: int, imatrix: torch.Tensor | 
 
     A k-quant block's scales come from llama.cpp's search on the block's error-updated weights; its codes
     are then rounded column by column, each column's error passed on to the block's later columns (GPTQ
-    proper). The other types are quantized a whole block (32 columns) at a time."""
+    proper). The 32-value types likewise, on the scale (and min) llama.cpp's quantizer picks for the block."""
     block = gguf.GGML_QUANT_SIZES[Q(qtype)][0]
     rows, cols = w.shape
     if cols % block:
@@ -130,11 +131,35 @@ def sweep(w: torch.Tensor, u: torch.Tensor, qtype: int, imatrix: torch.Tensor | 
             # the 32-value types' importance weighting reads the mean square of the whole (updated) row
             sigma2 = legacy.row_sigma2(w) if imatrix is not None else None
             raw = quants.quantize(part, qtype, weights, sigma2=sigma2)
-            err = part - quants.dequantize(raw, qtype, (rows, block))
-            scaled = torch.linalg.solve_triangular(ub, err, upper=True, left=False)  # err · U_BB⁻¹
+            raw, scaled = _compensate_block(part, ub, raw, qtype)
         w[:, c1:] -= scaled @ u[c0:c1, c1:]
         out.append(raw)
     return torch.cat(out, dim=1)
+
+
+def _compensate_block(w: torch.Tensor, u: torch.Tensor, raw: torch.Tensor, qtype: int):
+    """One 32-column block of a legacy type: w [rows, 32] (updated in place) rounded column by column on the
+    d (and m) llama.cpp chose for it in raw, each column's error, scaled by 1/U_cc, passed on to the block's
+    later columns. Returns the block's bytes with those codes and the scaled errors [rows, 32]."""
+    d, m = legacy.block_scales(raw, qtype)
+    lo, hi, offset, _, _ = legacy.CODES[Q(qtype)]
+    kept = d == 0  # llama.cpp's codes stay where its scale is 0 (a block of zeros)
+    old = quants.dequantize(raw, qtype, w.shape)
+    codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    scaled = torch.empty_like(w)
+    for c in range(w.shape[1]):
+        x = w[:, c]
+        centred = x if m is None else x - m
+        q = nearest_int(div(centred, d)).add_(offset).clamp_(lo, hi)
+        value = d * (q - offset) if m is None else d * (q - offset) + m
+        value = torch.where(kept, old[:, c], value)
+        codes[:, c] = q
+        e = (x - value) / u[c, c]
+        w[:, c + 1:] -= e[:, None] * u[c, c + 1:]
+        scaled[:, c] = e
+    if kept.any():
+        return torch.where(kept[:, None], raw, legacy.with_codes(raw, qtype, codes)), scaled
+    return legacy.with_codes(raw, qtype, codes), scaled
 
 
 def _compensating(w: torch.Tensor, u: torch.Tensor, scaled: torch.Tensor):
@@ -160,6 +185,33 @@ def _compensating(w: torch.Tensor, u: torch.Tensor, scaled: torch.Tensor):
     return rounding
 
 
+def hessian_of(inputs: InputSet) -> Hessian:
+    weight = inputs.linears[0].weight
+    return Hessian(weight.shape[1], weight.device)
+
+
+def quantize_set(inputs: InputSet, stats: Hessian, types: dict[str, tuple[RowTypes, ...]], damp: float) -> list:
+    """The set's linears swept onto their GGUF types with the Hessian of their common input."""
+    weights = [lin.weight for lin in inputs.linears]
+    typed = [types.get(n) for n in inputs.files]
+    if not any(typed):
+        return [Unchanged(w.detach()) for w in weights]
+    h = _take_hessian(stats, weights[0])
+    imatrix = importance(h)  # 0 for a column nothing reached, as in llama.cpp's imatrix
+    dead = imatrix == 0
+    h[dead, dead] = 1  # such a column is rounded alone, passing no error on
+    u = inverse_cholesky([h.flip(0, 1).contiguous()], damp, ", ".join(inputs.names))
+    del h
+    results = []
+    for w, row_types in zip(weights, typed):
+        if not row_types:
+            results.append(Unchanged(w.detach()))
+            continue
+        parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix)) for r in row_types]
+        results.append(GGUFTensor.of(w.detach(), parts))
+    return results
+
+
 @register(GGUFGPTQConfig)
 class GGUFGPTQ(Algorithm):
     repeatable = False
@@ -169,26 +221,7 @@ class GGUFGPTQ(Algorithm):
         self.sequential = config.true_sequential
 
     def statistics(self, inputs: InputSet) -> Hessian:
-        weight = inputs.linears[0].weight
-        return Hessian(weight.shape[1], weight.device)
+        return hessian_of(inputs)
 
     def quantize(self, inputs, stats, scale_dtype):
-        weights = [lin.weight for lin in inputs.linears]
-        typed = [self.config.types.get(n) for n in inputs.files]
-        if not any(typed):
-            return [Unchanged(w.detach()) for w in weights]
-        h = _take_hessian(stats, weights[0])
-        imatrix = importance(h)  # 0 for a column nothing reached, as in llama.cpp's imatrix
-        dead = imatrix == 0
-        h[dead, dead] = 1  # such a column is rounded alone, passing no error on
-        u = inverse_cholesky([h.flip(0, 1).contiguous()], self.config.damp, ", ".join(inputs.names))
-        del h
-        results = []
-        for w, row_types in zip(weights, typed):
-            if not row_types:
-                results.append(Unchanged(w.detach()))
-                continue
-            parts = [(r, sweep(w.detach()[r.start:r.stop].float().clone(), u, r.qtype, imatrix)) for r in row_types]
-            results.append(GGUFTensor.of(w.detach(), parts))
-        return results
-
+        return quantize_set(inputs, stats, self.config.types, self.config.damp)

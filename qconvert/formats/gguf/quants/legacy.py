@@ -153,3 +153,37 @@ def q4_1(x, imatrix=None, sigma2=None):
 
 def q5_1(x, imatrix=None, sigma2=None):
     return _affine_ref(x, T.Q5_1, 31) if imatrix is None else _affine_imatrix(x, imatrix, T.Q5_1, 31, sigma2)
+
+
+# ---- codes on fixed scales (GPTQ's column-by-column rounding inside a block) ---------------------
+
+# value = d * (code - offset) + m, the code stored in [lo, hi]: (lo, hi, offset, has a min, byte of the codes)
+CODES = {
+    T.Q4_0: (0, 15, 8, False, 2),
+    T.Q5_0: (0, 31, 16, False, 6),
+    T.Q4_1: (0, 15, 0, True, 4),
+    T.Q5_1: (0, 31, 0, True, 8),
+    T.Q8_0: (-128, 127, 0, False, 2),
+}
+
+
+def block_scales(raw: torch.Tensor, qtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d and m (None for the symmetric types) [R] of one block column raw [R, block bytes]."""
+    d = raw[:, 0:2].contiguous().view(torch.float16).float()[:, 0]
+    if not CODES[T(qtype)][3]:
+        return d, None
+    return d, raw[:, 2:4].contiguous().view(torch.float16).float()[:, 0]
+
+
+def with_codes(raw: torch.Tensor, qtype, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of one block column raw [R, block bytes] with its stored codes [R, 32] (int32, within CODES'
+    range) replaced; d and m stay."""
+    qtype = T(qtype)
+    out = raw.clone()
+    if qtype == T.Q8_0:
+        put(out, 2, codes.to(torch.int8).view(torch.uint8))
+        return out
+    if qtype in (T.Q5_0, T.Q5_1):
+        put(out, CODES[qtype][4] - 4, _high_bits(codes))
+    put(out, CODES[qtype][4], _nibbles(codes).to(torch.uint8))
+    return out
