@@ -24,6 +24,18 @@ def test_eval_reads_the_written_files(tiny, qconvert, tmp_path):
     assert second["kl_divergence"] > 2 * first["kl_divergence"]
 
 
+def test_eval_knows_a_gguf_output_by_its_contents_not_its_name(qconvert, tmp_path):
+    from qconvert.testing.tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "hf", "llama", 2, tokenizer="sentencepiece", hidden_size=256,
+                            intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "quantized"  # `-o` without the .gguf suffix
+    assert qconvert("gguf", model, "Q8_0", "-o", out, "-q").code == 0
+    res = qconvert("eval", out, "--base", model, "--samples", "3", "--seq-len", "64", "--json")
+    assert res.code == 0, res.err
+    assert 0 < res.json()["kl_divergence"] < 0.05
+
+
 def test_inspect_base_and_quantized(tiny, qconvert, tmp_path):
     base = qconvert("inspect", tiny(), "--json").json()
     assert base["model_type"] == "llama" and base["quantization"] is None

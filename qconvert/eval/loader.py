@@ -84,9 +84,15 @@ def _load_gguf(file: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def is_gguf(file: Path) -> bool:
+    """By the file's magic, not its name: `-o` may name a GGUF output anything."""
+    with open(file, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load_model(spec: str, dtype: torch.dtype, device: torch.device):
     """(model, tokenizer) for a checkpoint directory, hub id or GGUF file."""
-    if Path(spec).suffix == ".gguf" and Path(spec).is_file():
+    if Path(spec).is_file() and is_gguf(Path(spec)):
         model, tokenizer = _load_gguf(Path(spec), dtype)
         return model.to(device).eval(), tokenizer
     path = resolve_model(spec)
