@@ -1,13 +1,14 @@
 """GGUF Q4_K_M (or another k-quant mixture) by calibration method, side by side on one model: llama.cpp's
 plain and imatrix results, qconvert's `--method gptq`, and Intel AutoRound's GGUF export. Perplexity through
 llama.cpp itself on the held-out text (which calibration never sees), size, and the time each took.
-qconvert's own methods: `gguf --method gptq` and `--method awq`.
+qconvert's own methods: `gguf --method gptq`, `--method awq` and `--method awq-gptq`. On the GPU machine:
+scripts/gguf_methods_h100.sh.
 
 Every calibrated method reads the same 128 x 512-token calibration windows of the bundled `mixed` set
 (AutoRound gets them as a local .jsonl, one window per line; it tokenizes each back to 512 tokens).
 
     python scripts/fetch_models.py && bash scripts/build_llama_cpp.sh && . ~/.cache/qconvert/llama.cpp-0.3.36/env.sh
-    python scripts/gguf_methods.py [--model smollm2-135m] [--type Q4_K_M] [--methods plain,imatrix,gptq,awq,autoround]
+    python scripts/gguf_methods.py [--model smollm2-135m] [--type Q4_K_M] [--methods plain,imatrix,gptq,awq,awq-gptq,autoround]
         [--autoround-path DIR]   # a folder holding auto_round 0.15.1 (pip install --target DIR auto-round==0.15.1)
 
 Each output is kept in --work and reused by a later run; delete it to measure again.
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from qconvert.calibration.datasets import load_texts
+from qconvert.gguf_pipeline import METHODS
 from qconvert.testing.llama_cpp import locate
 
 MODELS_DIR = Path(os.environ.get("QCONVERT_MODELS", Path.home() / ".cache/qconvert/models"))
@@ -48,7 +50,7 @@ def produce(method: str, model: Path, type_name: str, out: Path, work: Path, arg
     qc = [sys.executable, "-m", "qconvert", "gguf", str(model)]
     if method == "bf16":
         cmd = qc + ["BF16", "-o", str(out), "-q"]
-    elif method in ("plain", "imatrix", "gptq", "awq"):
+    elif method in METHODS:
         cmd = qc + [type_name, "--method", method, "-o", str(out), "-q", "--device", args.device]
     elif method == "autoround":
         data = calibration_jsonl(model, work / "calibration.jsonl", 128, 512)
@@ -76,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--type", default="Q4_K_M")
-    ap.add_argument("--methods", default="plain,imatrix,gptq,awq,autoround")
+    ap.add_argument("--methods", default="plain,imatrix,gptq,awq,awq-gptq,autoround")
     ap.add_argument("--autoround-path", default="/tmp/ar/site")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunks", type=int, default=40, help="held-out chunks of 512 tokens for llama-perplexity")

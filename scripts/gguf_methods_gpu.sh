@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GGUF by calibration method on the GPU machine (device), from the repository root; needs .whl and .peer/tok
 # carried. 1. the CUDA GPTQ sweep (native_cuda.cu) gives the PyTorch sweep's bytes on CUDA, every k-quant and
-# legacy type; 2. wall times of `qconvert gguf Q4_K_M --method gptq|imatrix|plain` on the 4-layer random model
+# legacy type; 2. wall times of `qconvert gguf Q4_K_M --method gptq|awq-gptq|imatrix|plain` on the 4-layer random model
 # with the Llama-3-8B shapes and the 128 x 512 ids of scripts/w4_gpu_bench.py, next to int4 `qconvert gptq`.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -39,6 +39,6 @@ TIMEFORMAT='%R s'
 for run in 1 2; do
   rm -rf /tmp/out-gptq; echo "int4 gptq (run $run):"; time python3 -m qconvert gptq /tmp/m8 --w-bit 4 --group 128 --dataset /tmp/ids.pt -o /tmp/out-gptq -q --json | python3 -c "import json,sys; print('  in-process', json.load(sys.stdin)['seconds'], 's')"
 done
-for m in gptq imatrix plain; do
+for m in gptq awq-gptq imatrix plain; do
   rm -f /tmp/g-$m.gguf; echo "gguf Q4_K_M --method $m:"; time python3 -m qconvert gguf /tmp/m8 Q4_K_M --method $m --dataset /tmp/ids.pt -o /tmp/g-$m.gguf -q --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('  in-process', d['seconds'], 's; quantize', d['quantize_seconds'], 's')"
 done

@@ -21,12 +21,18 @@ __global__ void blocks_kernel(int type, const float *x, int64_t rows, int64_t co
                    out + r * nb * size + b * size);
 }
 
+/* The thread copies its row's super-block into local memory once: the sweep updates it thousands of times,
+ * and the threads' rows lie a row apart in global memory, so each such access there is a transaction of its
+ * own, while local memory is interleaved across the threads (and cached). */
 __global__ void gptq_kernel(int type, float *w, int64_t rows, int64_t ldw, const float *u, int64_t ldu,
                             const float *qw, uint8_t *out, int64_t ldo, float *scaled) {
     int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (r >= rows) return;
-    Compensation gc = {w + r * ldw, u, ldu, scaled + r * QK_K};
+    float x[QK_K], *row = w + r * ldw;
+    for (int c = 0; c < QK_K; ++c) x[c] = row[c];
+    Compensation gc = {x, u, ldu, scaled + r * QK_K};
     gptq_superblock(type, qw, out + r * ldo, &gc);
+    for (int c = 0; c < QK_K; ++c) row[c] = x[c];
 }
 
 static const int THREADS = 64;  /* few per SM block: each thread keeps a super-block's state in local memory */
