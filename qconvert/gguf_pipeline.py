@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from qconvert.pipeline import Calibration, Discard, calibration_tokens, resolve_
 # they run: a plain conversion never needs them.
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+# devices where the tensors outside the blocks are quantized while the engine runs (a CPU has no idle units)
+BESIDE_ENGINE = ("cuda",)
 TYPES = tuple(FILE_TYPES)
 METHODS = ("plain", "imatrix", "gptq", "awq", "awq-gptq")
 ENGINE_METHODS = ("gptq", "awq", "awq-gptq")  # codes and scales chosen in the layer-by-layer engine
@@ -96,6 +100,9 @@ def check_method(req: GGUFRequest, type_name: str) -> None:
 
 
 def run(req: GGUFRequest, on_layer=lambda r: None, on_tensor=lambda name, qtype: None) -> dict | None:
+    if req.method != "plain" or req.imatrix:
+        # transformers' modelling code, seconds to import: before the clock starts, as in `qconvert gptq`
+        import qconvert.engine  # noqa: F401
     start = time.perf_counter()
     type_name = parse_type(req.type)
     if req.method == "imatrix" and not req.imatrix_file:
@@ -154,15 +161,31 @@ def _write_calibrated(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, f
     types = quantized_file.plan_types(gguf_plan, intermediate, ftype, has_imatrix=True)
     rows = row_types(gguf_plan, types, ckpt.shape)
     config = {"gptq": GGUFGPTQConfig, "awq": GGUFAWQConfig, "awq-gptq": GGUFAWQGPTQConfig}[req.method](types=rows)
+    arch = architecture_for(ckpt.model_type)
     dev, dtype = resolve_device(req.device)
     store = CalibratedTensors() if out is not None else Discard()
-    convert(ckpt, architecture_for(ckpt.model_type), config, store, calibration_tokens(ckpt.path, req.calibration),
-            EngineOptions(dev, dtype), on_layer)
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-early") as early:
+        # what does not depend on the engine is done beside it: the file's metadata, and on a GPU (which the
+        # engine leaves mostly idle) the embeddings and the output matrix
+        opened = early.submit(quantized_file.open_file, gguf_plan, out, ftype, intermediate, types) if out is not None else None
+        outside = [s for s in gguf_plan.tensors if s.hf_names and types[s.gguf_name] not in FLOAT_TYPES
+                   and not any(n.startswith(f"{arch.layers}.") for n in s.hf_names)]
+        ahead = early.submit(quantized_file.encode_tensors, outside, ckpt.get, types, intermediate, dev,
+                             req.threads or None) if out is not None and dev.type in BESIDE_ENGINE else None
+        try:
+            convert(ckpt, arch, config, store, calibration_tokens(ckpt.path, req.calibration),
+                    EngineOptions(dev, dtype), on_layer)
+        except BaseException:
+            if opened is not None and opened.exception() is None:
+                opened.result().close()
+            raise
+        made = ahead.result() if ahead is not None else {}
     if out is None:
         return None
     return quantized_file.write(gguf_plan, store.loader(ckpt.get), out, ftype, intermediate, device=dev,
                                 on_tensor=on_tensor, types=types, threads=req.threads or None,
-                                encoded=lambda spec: store.bytes_for(spec, lambda n: ckpt.shape(n)[0]))
+                                encoded=lambda spec: made.get(spec.gguf_name)
+                                or store.bytes_for(spec, lambda n: ckpt.shape(n)[0]), writer=opened.result())
 
 
 def report_path(gguf_file: Path) -> Path:

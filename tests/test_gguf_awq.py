@@ -52,12 +52,17 @@ def test_same_layout_as_llama_cpp_folded_norms_and_llama_cpp_runs_it(oracle, tin
     assert np.corrcoef(logits.ravel(), reference.ravel())[0, 1] > 0.9
 
 
-def test_with_every_scale_1_the_first_layer_is_the_imatrix_result(tiny_llama, tmp_path, monkeypatch):
-    imatrix, ours = tmp_path / "imatrix.gguf", tmp_path / "ours.gguf"
-    run(GGUFRequest(str(tiny_llama), imatrix, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="imatrix"))
+def _with_every_scale_1(model, tmp_path, monkeypatch, method: str, reference: str) -> tuple[dict, dict]:
+    """The tensors of `method` with AWQ's search forced to s = 1, and those of the `reference` method."""
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    run(GGUFRequest(str(model), ref, "Q4_K_M", calibration=CALIBRATION, device="cpu", method=reference))
     monkeypatch.setattr(GGUFAWQ, "_search", lambda self, g, ranks: torch.ones_like(g.abs_sum))
-    run(GGUFRequest(str(tiny_llama), ours, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="awq"))
-    a, b = _tensors(ours), _tensors(imatrix)
+    run(GGUFRequest(str(model), ours, "Q4_K_M", calibration=CALIBRATION, device="cpu", method=method))
+    return _tensors(ours), _tensors(ref)
+
+
+def test_with_every_scale_1_the_first_layer_is_the_imatrix_result(tiny_llama, tmp_path, monkeypatch):
+    a, b = _with_every_scale_1(tiny_llama, tmp_path, monkeypatch, "awq", "imatrix")
     first = [n for n in a if n.startswith("blk.0.")]
     assert any(a[n].tensor_type not in FLOATS for n in first)
     for name in first:  # (later layers see the quantized layers' outputs, the imatrix the float model's)
@@ -65,11 +70,7 @@ def test_with_every_scale_1_the_first_layer_is_the_imatrix_result(tiny_llama, tm
 
 
 def test_with_every_scale_1_awq_gptq_is_gptq(tiny_llama, tmp_path, monkeypatch):
-    gptq, ours = tmp_path / "gptq.gguf", tmp_path / "ours.gguf"
-    run(GGUFRequest(str(tiny_llama), gptq, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="gptq"))
-    monkeypatch.setattr(GGUFAWQ, "_search", lambda self, g, ranks: torch.ones_like(g.abs_sum))
-    run(GGUFRequest(str(tiny_llama), ours, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="awq-gptq"))
-    a, b = _tensors(ours), _tensors(gptq)
+    a, b = _with_every_scale_1(tiny_llama, tmp_path, monkeypatch, "awq-gptq", "gptq")
     assert list(a) == list(b)
     for name in a:
         assert np.array_equal(a[name].data, b[name].data), name

@@ -68,7 +68,7 @@ def test_the_32_value_types_keep_llama_cpps_scales_and_round_to_the_nearest_code
     ours, theirs = sweep(w.clone(), torch.eye(512), qtype, imatrix), quants.quantize(w, qtype, imatrix)
     size = ours.shape[1] // 16
     ours_b, theirs_b = ours.reshape(-1, 16, size), theirs.reshape(-1, 16, size)
-    scale_bytes = 4 if legacy.CODES[qtype][3] else 2
+    scale_bytes = 4 if legacy.CODES[qtype].has_min else 2
     assert torch.equal(ours_b[..., :scale_bytes], theirs_b[..., :scale_bytes])
     our_err = (w - quants.dequantize(ours, qtype, w.shape)).abs()
     their_err = (w - quants.dequantize(theirs, qtype, w.shape)).abs()
@@ -143,6 +143,26 @@ def test_q_rows_follow_llama_cpp_rope_permutation(tiny_llama, tmp_path):
     w = load_file(tiny_llama / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].float()
     assert torch.corrcoef(torch.stack([_permute(w, 4).ravel(), q]))[0, 1] > 0.99
     assert torch.corrcoef(torch.stack([w.ravel(), q]))[0, 1] < 0.5
+
+
+def test_the_tensors_outside_the_blocks_quantized_beside_the_engine_give_the_same_file(tiny_llama, tmp_path,
+                                                                                     monkeypatch):
+    """On a GPU the embeddings and the output are quantized while the engine runs; here on the CPU."""
+    from qconvert import gguf_pipeline
+    from qconvert.formats.gguf import quantized_file
+
+    after, beside = tmp_path / "after.gguf", tmp_path / "beside.gguf"
+    run(GGUFRequest(str(tiny_llama), after, "Q4_K_M", calibration=CALIBRATION, device="cpu", method="gptq"))
+    monkeypatch.setattr(gguf_pipeline, "BESIDE_ENGINE", ("cpu",))
+    ahead = []
+    encode_tensors = quantized_file.encode_tensors
+    monkeypatch.setattr(quantized_file, "encode_tensors",
+                        lambda specs, *a: ahead.extend(s.gguf_name for s in specs) or encode_tensors(specs, *a))
+    summary = run(GGUFRequest(str(tiny_llama), beside, "Q4_K_M", calibration=CALIBRATION, device="cpu",
+                              method="gptq"))
+    assert sorted(ahead) == ["output.weight", "token_embd.weight"]
+    assert beside.read_bytes() == after.read_bytes()
+    assert summary["tensors"]["token_embd.weight"]["weight_error"] > 0
 
 
 def test_bad_method_combinations_are_refused(tiny_llama, tmp_path):

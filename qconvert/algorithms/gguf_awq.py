@@ -19,7 +19,7 @@ from torch import nn
 
 from qconvert.algorithms import InputSet, register
 from qconvert.algorithms.awq import AWQ, AWQConfig, _Group
-from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged, hessian_of, quantize_set
+from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged, hessian_of, quantize_set, warm_ups
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.imatrix import SquaredSums
 
@@ -90,6 +90,9 @@ class GGUFAWQGPTQ(GGUFAWQ):
     def __init__(self, config: GGUFAWQGPTQConfig, arch):
         super().__init__(config, arch)
         self.sequential = config.true_sequential
+
+    def warm_ups(self, device):
+        return warm_ups(device, self.config.damp)
 
     def statistics(self, inputs: InputSet):
         return hessian_of(inputs)

@@ -142,7 +142,7 @@ def _compensate_block(w: torch.Tensor, u: torch.Tensor, raw: torch.Tensor, qtype
     d (and m) llama.cpp chose for it in raw, each column's error, scaled by 1/U_cc, passed on to the block's
     later columns. Returns the block's bytes with those codes and the scaled errors [rows, 32]."""
     d, m = legacy.block_scales(raw, qtype)
-    lo, hi, offset, _, _ = legacy.CODES[Q(qtype)]
+    lo, hi, offset = legacy.CODES[Q(qtype)][:3]
     kept = d == 0  # llama.cpp's codes stay where its scale is 0 (a block of zeros)
     old = quants.dequantize(raw, qtype, w.shape)
     codes = torch.empty(w.shape, dtype=torch.int32, device=w.device)
@@ -157,9 +157,7 @@ def _compensate_block(w: torch.Tensor, u: torch.Tensor, raw: torch.Tensor, qtype
         e = (x - value) / u[c, c]
         w[:, c + 1:] -= e[:, None] * u[c, c + 1:]
         scaled[:, c] = e
-    if kept.any():
-        return torch.where(kept[:, None], raw, legacy.with_codes(raw, qtype, codes)), scaled
-    return legacy.with_codes(raw, qtype, codes), scaled
+    return torch.where(kept[:, None], raw, legacy.with_codes(raw, qtype, codes)), scaled
 
 
 def _compensating(w: torch.Tensor, u: torch.Tensor, scaled: torch.Tensor):
@@ -212,6 +210,25 @@ def quantize_set(inputs: InputSet, stats: Hessian, types: dict[str, tuple[RowTyp
     return results
 
 
+def warm_ups(device: torch.device, damp: float) -> list:
+    """The engine's warm-ups for the sweep (see Algorithm.warm_ups): cuBLAS and cuSOLVER, then the compiled
+    sweep (its library loaded, or built on a machine's first run) and the 32-value types' PyTorch rounding."""
+    cols = 256
+
+    def solver():
+        h = Hessian(cols, device)
+        h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
+        inverse_cholesky([h.matrix], damp)
+
+    def sweeps():  # (float32 spelled out: the engine may have changed torch's default dtype meanwhile)
+        f32 = dict(device=device, dtype=torch.float32)
+        eye, ones = torch.eye(cols, **f32), torch.ones(cols, **f32)
+        for qtype in (Q.Q4_K, Q.Q5_0):
+            sweep(torch.randn(64, cols, **f32), eye, qtype, ones)
+
+    return [solver, sweeps]
+
+
 @register(GGUFGPTQConfig)
 class GGUFGPTQ(Algorithm):
     repeatable = False
@@ -219,6 +236,9 @@ class GGUFGPTQ(Algorithm):
     def __init__(self, config: GGUFGPTQConfig, arch):
         super().__init__(config, arch)
         self.sequential = config.true_sequential
+
+    def warm_ups(self, device):
+        return warm_ups(device, self.config.damp)
 
     def statistics(self, inputs: InputSet) -> Hessian:
         return hessian_of(inputs)

@@ -141,26 +141,33 @@ def encode(spec: TensorSpec, data: torch.Tensor, qtype: Q, intermediate: Q, imat
     return torch.cat(out).numpy()
 
 
-def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path, ftype: LlamaFileType,
-          intermediate: Q, imatrix: Imatrix | None = None, imatrix_file: str | None = None,
-          device: torch.device = torch.device("cpu"),
-          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None,
-          types: dict[str, Q] | None = None,
-          encoded: Callable[[TensorSpec], tuple[np.ndarray, float] | None] = lambda spec: None,
-          threads: int | None = None) -> dict[str, TensorRecord]:
-    """Write the quantized file; returns what every tensor became. imatrix_file: the path to record in
-    the file's metadata, as the user gave it to llama-quantize. types: each tensor's type, when already
-    chosen; encoded: a tensor's bytes and relative squared error when a calibrated algorithm made them
-    (None: read and quantized here); threads: the CPU quantizers' threads (None: every core)."""
-    types = types or plan_types(plan, intermediate, ftype, imatrix is not None)
-    by_name = {s.gguf_name: s for s in plan.tensors}
-    order = [by_name[n] for n in quantizer_order(list(by_name))]
+def encode_tensors(specs: list[TensorSpec], loader: Callable[[str], torch.Tensor], types: dict[str, Q],
+                   intermediate: Q, device: torch.device, threads: int | None = None) -> dict[str, tuple]:
+    """{GGUF name: (bytes, relative squared error)} of specs, read and quantized without an imatrix, for `write`'s
+    `encoded`. On a GPU, on a stream of its own: a caller runs this beside other GPU work."""
+    import contextlib
+
+    side = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+    made = {}
+    with side:
+        for spec in specs:
+            qtype = types[spec.gguf_name]
+            values, on_grid = read_values(spec, loader, intermediate)
+            data = encode(spec, values, qtype, intermediate, None, device, threads, on_grid)
+            made[spec.gguf_name] = (data, sampled_error(data, qtype, values))
+    return made
+
+
+def open_file(plan: GGUFPlan, out_path: Path, ftype: LlamaFileType, intermediate: Q, types: dict[str, Q],
+              imatrix: Imatrix | None = None, imatrix_file: str | None = None) -> gguf.GGUFWriter:
+    """The file with everything before the tensor data written: header, metadata (the vocabulary's packing
+    takes a second for a large one) and the tensors' names, types and shapes."""
     writer = gguf.GGUFWriter(str(out_path), arch=plan.arch)
     extra = imatrix_kv(imatrix, imatrix_file) if imatrix is not None else []
     for key, value, vtype in quantized_kv(plan, intermediate, ftype, extra):
         if key != gguf.Keys.General.ARCHITECTURE:  # GGUFWriter wrote it first, as the converter does
             writer.add_key_value(key, value, vtype)
-    for spec in order:
+    for spec in _order(plan):
         qtype = types[spec.gguf_name]
         writer.add_tensor_info(spec.gguf_name, spec.torch_shape, np.dtype(np.float32),
                                quants.row_bytes(qtype, spec.shape[0]) * (spec.n_elements // spec.shape[0]),
@@ -168,6 +175,29 @@ def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path,
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    return writer
+
+
+def _order(plan: GGUFPlan) -> list[TensorSpec]:
+    by_name = {s.gguf_name: s for s in plan.tensors}
+    return [by_name[n] for n in quantizer_order(list(by_name))]
+
+
+def write(plan: GGUFPlan, loader: Callable[[str], torch.Tensor], out_path: Path, ftype: LlamaFileType,
+          intermediate: Q, imatrix: Imatrix | None = None, imatrix_file: str | None = None,
+          device: torch.device = torch.device("cpu"),
+          on_tensor: Callable[[str, Q], None] = lambda name, qtype: None,
+          types: dict[str, Q] | None = None,
+          encoded: Callable[[TensorSpec], tuple[np.ndarray, float] | None] = lambda spec: None,
+          threads: int | None = None, writer: gguf.GGUFWriter | None = None) -> dict[str, TensorRecord]:
+    """Write the quantized file; returns what every tensor became. imatrix_file: the path to record in
+    the file's metadata, as the user gave it to llama-quantize. types: each tensor's type, when already
+    chosen; encoded: a tensor's bytes and relative squared error when a calibrated algorithm made them
+    (None: read and quantized here); threads: the CPU quantizers' threads (None: every core); writer: the
+    file as `open_file` left it, when a caller opened it already."""
+    types = types or plan_types(plan, intermediate, ftype, imatrix is not None)
+    writer = writer or open_file(plan, out_path, ftype, intermediate, types, imatrix, imatrix_file)
+    order = _order(plan)
     records = {}
     # the next tensor is read (and permuted) while this one is quantized: the C quantizers release the GIL
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reader:

@@ -10,6 +10,8 @@ Each function maps x [R, cols] float32 (+ imatrix [cols]) to uint8 [R, cols/32 *
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import gguf
 import torch
 
@@ -157,20 +159,30 @@ def q5_1(x, imatrix=None, sigma2=None):
 
 # ---- codes on fixed scales (GPTQ's column-by-column rounding inside a block) ---------------------
 
-# value = d * (code - offset) + m, the code stored in [lo, hi]: (lo, hi, offset, has a min, byte of the codes)
+class Codes(NamedTuple):
+    """A 32-value type's codes: value = d * (code - offset) (+ m, has_min), the code stored in [lo, hi], the
+    low 4 bits from byte `at` of the block (the 5th bits in the 4 bytes before it; Q8_0: one int8 each)."""
+
+    lo: int
+    hi: int
+    offset: int
+    has_min: bool
+    at: int
+
+
 CODES = {
-    T.Q4_0: (0, 15, 8, False, 2),
-    T.Q5_0: (0, 31, 16, False, 6),
-    T.Q4_1: (0, 15, 0, True, 4),
-    T.Q5_1: (0, 31, 0, True, 8),
-    T.Q8_0: (-128, 127, 0, False, 2),
+    T.Q4_0: Codes(0, 15, 8, False, 2),
+    T.Q5_0: Codes(0, 31, 16, False, 6),
+    T.Q4_1: Codes(0, 15, 0, True, 4),
+    T.Q5_1: Codes(0, 31, 0, True, 8),
+    T.Q8_0: Codes(-128, 127, 0, False, 2),
 }
 
 
 def block_scales(raw: torch.Tensor, qtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d and m (None for the symmetric types) [R] of one block column raw [R, block bytes]."""
     d = raw[:, 0:2].contiguous().view(torch.float16).float()[:, 0]
-    if not CODES[T(qtype)][3]:
+    if not CODES[T(qtype)].has_min:
         return d, None
     return d, raw[:, 2:4].contiguous().view(torch.float16).float()[:, 0]
 
@@ -178,12 +190,12 @@ def block_scales(raw: torch.Tensor, qtype) -> tuple[torch.Tensor, torch.Tensor |
 def with_codes(raw: torch.Tensor, qtype, codes: torch.Tensor) -> torch.Tensor:
     """A copy of one block column raw [R, block bytes] with its stored codes [R, 32] (int32, within CODES'
     range) replaced; d and m stay."""
-    qtype = T(qtype)
-    out = raw.clone()
+    qtype, out = T(qtype), raw.clone()
+    at = CODES[qtype].at
     if qtype == T.Q8_0:
-        put(out, 2, codes.to(torch.int8).view(torch.uint8))
+        put(out, at, codes.to(torch.int8).view(torch.uint8))
         return out
     if qtype in (T.Q5_0, T.Q5_1):
-        put(out, CODES[qtype][4] - 4, _high_bits(codes))
-    put(out, CODES[qtype][4], _nibbles(codes).to(torch.uint8))
+        put(out, at - 4, _high_bits(codes))
+    put(out, at, _nibbles(codes).to(torch.uint8))
     return out
