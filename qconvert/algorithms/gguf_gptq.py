@@ -15,12 +15,13 @@ optimal update of the remaining columns R given block B fixed at Q_B is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import gguf
 import torch
 
 from qconvert.algorithms import Algorithm, InputSet, register
-from qconvert.algorithms.gptq import Hessian, _take_hessian, inverse_cholesky
+from qconvert.algorithms.gptq import Hessian, _take_hessian, inverse_cholesky, warm_up_solver
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.quants import kquants, legacy, native
@@ -215,18 +216,13 @@ def warm_ups(device: torch.device, damp: float) -> list:
     sweep (its library loaded, or built on a machine's first run) and the 32-value types' PyTorch rounding."""
     cols = 256
 
-    def solver():
-        h = Hessian(cols, device)
-        h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
-        inverse_cholesky([h.matrix], damp)
-
     def sweeps():  # (float32 spelled out: the engine may have changed torch's default dtype meanwhile)
         f32 = dict(device=device, dtype=torch.float32)
         eye, ones = torch.eye(cols, **f32), torch.ones(cols, **f32)
         for qtype in (Q.Q4_K, Q.Q5_0):
             sweep(torch.randn(64, cols, **f32), eye, qtype, ones)
 
-    return [solver, sweeps]
+    return [partial(warm_up_solver, device, cols, damp), sweeps]
 
 
 @register(GGUFGPTQConfig)

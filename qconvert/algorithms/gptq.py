@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -235,6 +236,13 @@ def _take_hessian(stats: Hessian | None, weight: torch.Tensor) -> torch.Tensor:
     return hessian
 
 
+def warm_up_solver(device: torch.device, cols: int, damp: float) -> None:
+    """cuBLAS's and cuSOLVER's handles, made by a Hessian update and its factorization on a tiny input."""
+    h = Hessian(cols, device)
+    h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
+    inverse_cholesky([h.matrix], damp)
+
+
 @register(GPTQConfig)
 class GPTQ(Algorithm):
     repeatable = False  # quantize() takes its Hessian (freeing it is what keeps the peak low)
@@ -247,15 +255,10 @@ class GPTQ(Algorithm):
     def warm_ups(self, device):
         cols = 2 * (self.config.group_size if self.config.group_size > 0 else 128)
 
-        def solver():  # cuBLAS and cuSOLVER handles
-            h = Hessian(cols, device)
-            h.update(torch.randn(2 * cols, cols, device=device, dtype=torch.bfloat16))
-            inverse_cholesky([h.matrix], self.config.damp)
-
         def sweep():  # the Triton kernel (loaded from its cache or compiled) and gptq()'s other kernels
             gptq(torch.randn(64, cols, device=device), [torch.eye(cols, device=device)], self.config, torch.float16)
 
-        return [solver, sweep]
+        return [partial(warm_up_solver, device, cols, self.config.damp), sweep]
 
     def statistics(self, inputs: InputSet) -> Hessian:
         weight = inputs.linears[0].weight

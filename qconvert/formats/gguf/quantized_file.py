@@ -9,6 +9,7 @@ general.file_type are set again, which moves them to the end of the key list.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,8 +146,6 @@ def encode_tensors(specs: list[TensorSpec], loader: Callable[[str], torch.Tensor
                    intermediate: Q, device: torch.device, threads: int | None = None) -> dict[str, tuple]:
     """{GGUF name: (bytes, relative squared error)} of specs, read and quantized without an imatrix, for `write`'s
     `encoded`. On a GPU, on a stream of its own: a caller runs this beside other GPU work."""
-    import contextlib
-
     side = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
     made = {}
     with side:
