@@ -321,13 +321,11 @@ def _stream_block(block, index: int, ckpt: Checkpoint, arch: Architecture, algor
     alone = [InputSet(s.group, s.parent, [n], [lin], [f])
              for s in step.sets for n, lin, f in zip(s.names, s.linears, s.files)]
     for s in alone:
-        names = [f"{n}.weight" for n in s.names]
-        stored = ckpt.load([files[n] for n in names])
-        for n in names:
-            set_param(block, n, stored.pop(files[n]).to(device))
+        (name,), (lin,) = s.names, s.linears
+        weight = files[f"{name}.weight"]
+        set_param(block, f"{name}.weight", ckpt.load([weight])[weight].to(device))
         step._apply(s, dtypes, *step._quantize([s], {}, dtypes)[s.key], keep=False)
-        for lin in s.linears:
-            lin.to("meta")
+        lin.to("meta")
     for name in sorted(set(files) - set(weights)):
         writer.add_tensor(files[name], ckpt.get(files[name]))
     return step.report

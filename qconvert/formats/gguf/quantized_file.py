@@ -226,11 +226,10 @@ def _write_tensor(writer: gguf.GGUFWriter, spec: TensorSpec, fetched: tuple, qty
     quantizing = time.perf_counter()
     if made is None:
         data = encode(spec, values, qtype, intermediate, imatrix, device, threads, on_grid)
-    else:
-        data, error = made
-    quantized = time.perf_counter()
-    writer.write_tensor_data(data)
-    if made is None:
+        quantized = time.perf_counter()
         error = sampled_error(data, qtype, values)
+    else:
+        (data, error), quantized = made, quantizing
+    writer.write_tensor_data(data)
     return TensorRecord(qtype.name, list(spec.shape), data.nbytes, error, round(time.perf_counter() - start, 4),
                         round(quantized - quantizing, 4))
