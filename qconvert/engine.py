@@ -344,7 +344,7 @@ def _warm_up(options: EngineOptions) -> None:
 def _reserve_outside_blocks(ckpt: Checkpoint, arch: Architecture, writer) -> list[str]:
     """Place the tensors outside the blocks first in the output, in sorted order, from their headers: the
     files are the same bytes every run, whenever the background thread gets to read them."""
-    names = sorted(n for n in ckpt.names() if not n.startswith(f"{arch.layers}."))
+    names = sorted(n for n in ckpt.names() if not arch.in_blocks(n))
     for name in names:
         writer.reserve_tensor(name, ckpt.torch_dtype(name), ckpt.shape(name))
     return names

@@ -24,7 +24,6 @@ from qconvert.pipeline import Calibration, Discard, calibration_tokens, resolve_
 # they run: a plain conversion never needs them.
 
 FLOAT_OUTPUTS = ("F32", "F16", "BF16")
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 # devices where the tensors outside the blocks are quantized while the engine runs (a CPU has no idle units)
 BESIDE_ENGINE = ("cuda",)
 TYPES = tuple(FILE_TYPES)
@@ -154,7 +153,7 @@ def _write_calibrated(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, f
     from qconvert.algorithms.gguf_awq import GGUFAWQConfig, GGUFAWQGPTQConfig
     from qconvert.algorithms.gguf_gptq import GGUFGPTQConfig
     from qconvert.engine import EngineOptions, convert
-    from qconvert.formats.gguf.calibrated import CalibratedTensors, row_types
+    from qconvert.formats.gguf.calibrated import FLOATS, CalibratedTensors, row_types
     from qconvert.model.architectures import architecture_for
 
     intermediate = intermediate_type(ckpt)
@@ -167,9 +166,10 @@ def _write_calibrated(req: GGUFRequest, ckpt: Checkpoint, gguf_plan: GGUFPlan, f
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-early") as early:
         # what does not depend on the engine is done beside it: the file's metadata, and on a GPU (which the
         # engine leaves mostly idle) the embeddings and the output matrix
-        opened = early.submit(quantized_file.open_file, gguf_plan, out, ftype, intermediate, types) if out is not None else None
-        outside = [s for s in gguf_plan.tensors if s.hf_names and types[s.gguf_name] not in FLOAT_TYPES
-                   and not any(n.startswith(f"{arch.layers}.") for n in s.hf_names)]
+        opened = early.submit(quantized_file.open_file, gguf_plan, out, ftype, intermediate,
+                              types) if out is not None else None
+        outside = [s for s in gguf_plan.tensors if s.hf_names and types[s.gguf_name] not in FLOATS
+                   and not any(arch.in_blocks(n) for n in s.hf_names)]
         ahead = early.submit(quantized_file.encode_tensors, outside, ckpt.get, types, intermediate, dev,
                              req.threads or None) if out is not None and dev.type in BESIDE_ENGINE else None
         try:

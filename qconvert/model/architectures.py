@@ -85,11 +85,15 @@ class Architecture:
                 return i
         raise QConvertError(f"{self.name}: linear '{name}' has no entry in qconvert's architecture table")
 
+    def in_blocks(self, file_name: str) -> bool:
+        """Whether a checkpoint tensor belongs to a decoder block."""
+        return file_name.startswith(f"{self.layers}.")
+
     def quantized_weights(self, ckpt) -> Iterator[tuple[str, tuple[int, int]]]:
         """(file name, shape) of every linear weight in the checkpoint that gets quantized, from its headers."""
         prefix = f"{self.layers}."
         for name in ckpt.names():
-            if not (name.startswith(prefix) and name.endswith(".weight") and len(ckpt.shape(name)) == 2):
+            if not (self.in_blocks(name) and name.endswith(".weight") and len(ckpt.shape(name)) == 2):
                 continue
             local = self.to_memory(name).removeprefix(prefix).split(".", 1)[1].removesuffix(".weight")
             if self.group_of(local) is not None:

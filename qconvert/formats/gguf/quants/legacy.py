@@ -19,6 +19,7 @@ from .common import (
     bit_field, bits, div, first_absmax, first_max, first_min, ne, put, put_f16, recip, roundf_, select,
     seq_sum, sqrt, to_int32_x86, int32_bytes,
 )
+from .dequant import _f16
 from .search import make_qkx, make_qx_quants
 
 QK = 32
@@ -181,10 +182,8 @@ CODES = {
 
 def block_scales(raw: torch.Tensor, qtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d and m (None for the symmetric types) [R] of one block column raw [R, block bytes]."""
-    d = raw[:, 0:2].contiguous().view(torch.float16).float()[:, 0]
-    if not CODES[T(qtype)].has_min:
-        return d, None
-    return d, raw[:, 2:4].contiguous().view(torch.float16).float()[:, 0]
+    d = _f16(raw[:, 0:2])[:, 0]
+    return d, _f16(raw[:, 2:4])[:, 0] if CODES[T(qtype)].has_min else None
 
 
 def with_codes(raw: torch.Tensor, qtype, codes: torch.Tensor) -> torch.Tensor:
