@@ -61,6 +61,10 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; "
                     f"import w4_gpu_bench as b; b.make_model({args.layers}, Path('.peer/tok'))"], check=True)
     ids = bench.calibration_ids(Path("/tmp/ids.pt"))
+    # GPTQ's Triton kernels compiled into triton's cache, untimed, as any earlier GPTQ run on the machine would
+    # have left them: otherwise the first run measured (one GPU) would pay for compiling them
+    subprocess.run([sys.executable, "-c", "import torch; from qconvert.algorithms.gptq import GPTQ, GPTQConfig; "
+                    "[f() for f in GPTQ(GPTQConfig(), None).warm_ups(torch.device('cuda'))]"], check=True)
     for method in args.methods:
         first = None
         for gpus in args.gpus:

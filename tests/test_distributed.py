@@ -10,6 +10,7 @@ outputs agree in nearly every code of the first layer and in quality, not bit fo
 """
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from qconvert import distributed
 from qconvert.algorithms import InputSet
-from qconvert.algorithms.awq import AWQConfig, _clip_rows, _TokenSample, clip_range
+from qconvert.algorithms.awq import AWQ, AWQConfig, _clip_rows, _Group, _TokenSample, clip_range
 from qconvert.algorithms.fp8 import AbsMax
 from qconvert.algorithms.gptq import GPTQ, GPTQConfig, Hessian, gptq
 from qconvert.engine import _share_of
@@ -93,11 +94,32 @@ def _sample_rank(ranks):
     assert torch.equal(mine.take(20, ranks), alone.take(20))
 
 
+def _search_rank(ranks):
+    """AWQ's scale search, each rank trying its share of the candidates on every rank's windows, picks what
+    one process picks from all the windows (the candidates differ in the last bits of the summed |x|)."""
+    x, w = _data()
+    x[..., :4] *= 8  # loud channels, so the scale matters
+    lin = torch.nn.Linear(64, 48, bias=False)
+    lin.weight.data = w.clone()
+
+    def search(windows, r):
+        g = _Group(None, [], "", ["l"], [lin], lin, [])
+        for batch in windows.split(2):
+            g.record((batch,), {}, limit=10**6)
+        g.reduce(r)
+        return AWQ(AWQConfig(group_size=32), SimpleNamespace(scale_groups=[None]))._search(g, r)
+
+    mine, alone = search(ranks.samples(x), ranks), search(x, distributed.Ranks())
+    torch.testing.assert_close(mine, alone, rtol=1e-5, atol=0)
+    assert torch.equal(lin.weight.data, w)  # the weights are put back
+
+
 def _checks(ranks):
     _statistics_rank(ranks)  # Hessians, imatrix sums, maxima
     _share_rank(ranks)  # results with tensors, from the rank that computed them
     _rows_rank(ranks)  # GPTQ's sweep and AWQ's clipping search, each rank taking its share of the rows
     _sample_rank(ranks)  # AWQ's clipping sample gathered in the single-process order
+    _search_rank(ranks)  # AWQ's scale search, the candidates shared out
 
 
 def test_what_ranks_combine_is_what_one_process_computes():

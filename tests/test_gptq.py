@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from qconvert.algorithms.gptq import GPTQConfig, Hessian, gptq, inverse_cholesky
+from qconvert.algorithms.gptq import GPTQConfig, Hessian, gptq, inverse_cholesky, plane_factor
 from qconvert.algorithms.rtn import RTNConfig, rtn
 from qconvert.errors import QConvertError
 from qconvert.testing.tiny_models import ARCHITECTURES
@@ -105,6 +105,29 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
     want = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
     got = inverse_cholesky([h.flip(0, 1).clone()], 0.01)
     torch.testing.assert_close(got, want)
+
+
+def test_nearest_plane_sweep_equals_error_feedback_through_the_inverse():
+    """gptq()'s sweep (targets from plane_factor's C and the rounding errors so far) makes the codes of GPTQ's
+    own loop (errors fed forward through U, the Cholesky factor of the inverse), in float64 where rounding
+    noise cannot move a value across a boundary."""
+    w, x = _layer(rows=32, cols=96, seed=2)
+    w, h = w.double(), (2 / x.shape[0] * x.T @ x).double()
+    u = inverse_cholesky([h.flip(0, 1).clone()], 0.01)
+    c = plane_factor([h.flip(0, 1).clone()], 0.01)
+    assert torch.equal(c, c.triu()) and torch.allclose(c.diagonal(), torch.ones(96, dtype=torch.float64))
+    step = 0.02
+    fed, codes_u = w.clone(), torch.empty_like(w)
+    for i in range(96):
+        codes_u[:, i] = torch.round(fed[:, i] / step)
+        e = (fed[:, i] - codes_u[:, i] * step) / u[i, i]
+        fed[:, i:] -= e[:, None] * u[i, i:][None, :]
+    target, codes_c = w.clone(), torch.empty_like(w)
+    for i in range(96):
+        codes_c[:, i] = torch.round(target[:, i] / step)
+        target[:, i + 1:] += (w[:, i] - codes_c[:, i] * step)[:, None] * c[i, i + 1:][None, :]
+    assert torch.equal(codes_c, codes_u)
+    assert not torch.equal(codes_c, torch.round(w / step))  # the feedback changed some codes
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=5), dict(group_size=48), dict(damp=0), dict(damp=1.5), dict(block_size=0)])

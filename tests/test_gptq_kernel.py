@@ -27,40 +27,45 @@ DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(
 TIE = 1e-4  # a rounded value this close to a .5 boundary may round either way under another operation order
 
 
-def reference(w1, h1, scale, zero, maxq):
-    """The loop of gptq() in plain torch; also returns the pre-rounding values col / s."""
-    W1 = w1.clone()
-    codes = torch.empty(W1.shape, dtype=torch.uint8, device=W1.device)
-    err, ratio = torch.empty_like(W1), torch.empty_like(W1)
-    for i in range(W1.shape[1]):
-        s, z = scale[:, i], zero[:, i]
-        col = W1[:, i]
-        ratio[:, i] = col / s
-        q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+def reference(w, cols, t1, c1, scale, zero, groups, maxq):
+    """The loop of gptq() in plain torch; also returns the pre-rounding values t / s."""
+    w1, s1, z1 = w[:, cols].float(), scale[:, groups].float(), zero[:, groups]
+    t = t1.clone()
+    codes = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
+    err, ratio = torch.empty_like(t), torch.empty_like(t)
+    for i in range(t.shape[1]):
+        s, z = s1[:, i], z1[:, i]
+        ratio[:, i] = t[:, i] / s
+        q = torch.clamp(torch.round(t[:, i] / s) + z, 0, maxq)
         codes[:, i] = q.to(torch.uint8)
-        e = (col - (q - z) * s) / h1[i, i]
-        W1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+        e = w1[:, i] - (q - z) * s
+        t[:, i + 1:] += e[:, None] * c1[i, i + 1:][None, :]
         err[:, i] = e
     return codes, err, ratio
 
 
-def problem(rows, b, per_column, seed, bits=4, device="cpu"):
-    """Random weights, the inverse-Hessian factor of random inputs, 4-bit asymmetric min-max parameters:
-    one scale and zero per row broadcast with stride 0, or a different one per column."""
+def problem(rows, b, per_column, seed, bits=4, device="cpu", groups=1):
+    """Random bf16 weights whose columns the block takes in a shuffled order, their targets (the weights plus
+    earlier blocks' errors), the nearest-plane factor of random inputs' Hessian, 4-bit asymmetric min-max
+    parameters: one scale and zero per row, or a different one per column (as many groups as columns)."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, b, generator=g)
+    w = torch.randn(rows, b, generator=g).to(torch.bfloat16)
+    cols = torch.randperm(b, generator=g)
+    t = w[:, cols].float() + 0.05 * torch.randn(rows, b, generator=g)
     x = torch.randn(4 * b, b, generator=g) + 0.3 * torch.randn(4 * b, 1, generator=g)  # correlated inputs
     h = x.T @ x / (4 * b) + 0.01 * torch.eye(b)
-    h1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    r = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)  # H = R Rᵀ, R upper
+    c1 = r / r.diagonal()[None, :]
     maxq = (1 << bits) - 1
-    lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
-    scale = ((hi - lo) / maxq)[:, None]
-    zero = torch.round(-lo[:, None] / scale)
+    lo, hi = w.float().amin(1).clamp(max=0), w.float().amax(1).clamp(min=0)
+    scale = ((hi - lo) / maxq)[:, None].to(torch.float16)
+    zero = torch.round(-lo[:, None] / scale.float())
+    groups = torch.zeros(b, dtype=torch.long)
     if per_column:
-        scale = scale * (0.75 + 0.5 * torch.rand(rows, b, generator=g))
+        scale = (scale.float() * (0.75 + 0.5 * torch.rand(rows, b, generator=g))).to(torch.float16)
         zero = (zero + torch.randint(-2, 3, (rows, b), generator=g)).clamp(0, maxq)
-    w, h1, scale, zero = (t.to(device) for t in (w, h1, scale, zero))
-    return w, h1, scale.expand(rows, b), zero.expand(rows, b), maxq  # [rows, 1] → stride 0 along columns
+        groups = torch.randperm(b, generator=g)
+    return (*(x.to(device) for x in (w, cols, t, c1, scale, zero, groups)), maxq)
 
 
 def compare(got, want):
@@ -79,25 +84,23 @@ def compare(got, want):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows,b", [(100, 128), (77, 64), (50, 40), (1, 128)])
-@pytest.mark.parametrize("per_column", [False, True], ids=["broadcast", "per-column"])
+@pytest.mark.parametrize("per_column", [False, True], ids=["per-row", "per-column"])
 def test_matches_torch_loop(device, rows, b, per_column):
-    w, h1, scale, zero, maxq = problem(rows, b, per_column, seed=rows * b, device=device)
+    args = problem(rows, b, per_column, seed=rows * b, device=device)
     assert gptq_kernel.available(device)
-    if not per_column:
-        assert scale.stride(1) == 0 and zero.stride(1) == 0
-    w_before = w.clone()
-    got = gptq_kernel.quantize_block(w, h1, scale, zero, maxq)
-    assert torch.equal(w, w_before)  # the input is left alone
+    before = [a.clone() for a in args[:-1]]
+    got = gptq_kernel.quantize_block(*args)
+    assert all(torch.equal(a, c) for a, c in zip(args, before))  # the inputs are left alone
     assert got[0].dtype == torch.uint8 and got[1].dtype == torch.float32
-    compare(got, reference(w, h1, scale, zero, maxq))
+    compare(got, reference(*args))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_view_of_larger_matrices(device):
-    """w1 and h1 as gptq() slices them: column blocks of wider matrices (row strides > B)."""
-    w, h1, scale, zero, maxq = problem(60, 96, True, seed=3, device=device)
-    got = gptq_kernel.quantize_block(w[:, 16:80], h1[16:80, 16:80], scale[:, 16:80], zero[:, 16:80], maxq)
-    compare(got, reference(w[:, 16:80], h1[16:80, 16:80], scale[:, 16:80], zero[:, 16:80], maxq))
+    """t1 and c1 as gptq() slices them: column blocks of wider matrices (row strides > B)."""
+    w, cols, t, c1, scale, zero, groups, maxq = problem(60, 96, True, seed=3, device=device)
+    part = (w, cols[16:80], t[:, 16:80], c1[16:80, 16:80], scale, zero, groups[16:80], maxq)
+    compare(gptq_kernel.quantize_block(*part), reference(*part))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,10 +110,11 @@ def test_rounds_half_to_even(device):
     halves = torch.arange(-12, 12, dtype=torch.float32) + 0.5  # -11.5 .. 11.5, past both clamps
     w = torch.stack([halves * s for s in (1.0, 0.5, 0.25, 2.0)])[:, :, None].expand(4, 24, b // 24 + 1)
     w = w.reshape(4, -1)[:, :b].contiguous().to(device)  # every row holds exact .5 multiples of its scale
-    scale = torch.tensor([1.0, 0.5, 0.25, 2.0], device=device)[:, None].expand(4, b)
-    zero = torch.full((4, b), 8.0, device=device)
-    h1 = torch.eye(b, device=device)  # no error feedback: each column is rounded on its own
-    codes, err = gptq_kernel.quantize_block(w, h1, scale, zero, 15)
+    scale = torch.tensor([[1.0], [0.5], [0.25], [2.0]], device=device)
+    zero = torch.full((4, 1), 8.0, device=device)
+    c1 = torch.eye(b, device=device)  # no error feedback: each column is rounded on its own
+    cols, groups = torch.arange(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+    codes, err = gptq_kernel.quantize_block(w, cols, w, c1, scale, zero, groups, 15)
     want = torch.clamp(torch.round(w / scale) + zero, 0, 15)
     assert torch.equal(codes, want.to(torch.uint8))
     assert torch.equal(err, w - (want - zero) * scale)
@@ -124,6 +128,6 @@ def test_available():
 
 
 def test_rejects_wide_blocks():
-    w, h1, scale, zero, maxq = problem(4, 129, False, seed=0)
+    w, cols, t, c1, scale, zero, groups, maxq = problem(4, 129, False, seed=0)
     with pytest.raises(ValueError, match="at most 128"):
-        gptq_kernel.quantize_block(w, h1, scale, zero, maxq)
+        gptq_kernel.quantize_block(w, cols, t, c1, scale, zero, groups, maxq)

@@ -223,13 +223,13 @@ class AWQ(Algorithm):
         return 1.0
 
     def _search(self, g: _Group, ranks: distributed.Ranks) -> torch.Tensor:
-        """The per-channel scale with the lowest output error of g.inspect after quantization (the error
-        summed over every rank's search windows)."""
+        """The per-channel scale with the lowest output error of g.inspect after quantization, over every
+        rank's search windows. Among several ranks each gathers all the windows and tries its share of
+        the candidates: the weights are rounded once per candidate, not once per candidate on every rank."""
         cfg = self.config
         x_mean = g.abs_sum / max(g.tokens, 1)
         originals = [lin.weight.data.clone() for lin in g.linears]
         w_mean = _normalised_weight_mean(torch.cat(originals), cfg.group_size)
-        reference = [_output_of(g.inspect(*a, **k)) for a, k in g.calls]
         variants = {"duo": [True], "activation": [False], "both": [True, False]}[cfg.scale_search]
         candidates = [torch.ones_like(x_mean)] if self.tries_no_scale else []
         for duo in variants:
@@ -238,18 +238,20 @@ class AWQ(Algorithm):
                 s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)
                 s = s.clamp(min=1e-4)
                 candidates.append(s / (s.max() * s.min()).sqrt())
-        best, best_loss = None, float("inf")
-        for s in candidates:
+        calls = [c for part in ranks.gather(g.calls) for c in part] if ranks.active else g.calls
+        reference = [_output_of(g.inspect(*a, **k)) for a, k in calls]
+        losses = torch.zeros(len(candidates), dtype=torch.float64, device=x_mean.device)
+        for i in range(ranks.rank, len(candidates), ranks.world):
+            s = candidates[i]
             for lin, w in zip(g.linears, originals):
                 lin.weight.data = (self._fake_quantize(lin, w.float() * s, s, g) / s).to(w.dtype)
-            loss = float(sum((_output_of(g.inspect(*a, **k)).float() - r.float()).pow(2).sum()
-                             for (a, k), r in zip(g.calls, reference)))  # one sync per grid point
-            (loss,) = ranks.add([loss])
-            if loss < best_loss:
-                best, best_loss = s, loss
+            for (a, k), r in zip(calls, reference):
+                losses[i] += (_output_of(g.inspect(*a, **k)).float() - r.float()).pow(2).sum()
         for lin, w in zip(g.linears, originals):
             lin.weight.data = w
-        return best if best is not None else torch.ones_like(x_mean)
+        losses = ranks.sum_(losses).nan_to_num(nan=float("inf"))
+        best = int(torch.argmin(losses))  # the first of equal losses, as a sequential search keeps it
+        return candidates[best] if bool(losses[best].isfinite()) else torch.ones_like(x_mean)
 
     def _fake_quantize(self, linear: nn.Linear, w: torch.Tensor, s: torch.Tensor, g: _Group) -> torch.Tensor:
         """w (linear's weights × s) rounded as the output will round it."""

@@ -89,14 +89,10 @@ def _add_gram(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> No
     h.addmm_(x.T, x, beta=beta, alpha=alpha)
 
 
-def inverse_cholesky(box: list[torch.Tensor], damp: float, name: str = "") -> torch.Tensor:
-    """U, the upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), from box = [J·H·J] (H with
-    its rows and columns reversed; the caller hands it over in the box so it is freed here).
-
-    With J·H·J = M·Mᵀ (M lower), H = R·Rᵀ for R = J·M·J (upper), so H⁻¹ = (R⁻¹)ᵀ·R⁻¹ and U = R⁻¹ =
-    J·M⁻¹·J: one factorization and one triangular inversion, never more than two n² buffers (a 14336²
-    Hessian is 822 MB; cholesky_inverse followed by a second factorization needs three).
-    λ grows tenfold, with a warning, while H + λI is not positive definite."""
+def _damped_factor(box: list[torch.Tensor], damp: float, name: str) -> torch.Tensor:
+    """M, the lower Cholesky factor of J·(H + λI)·J, λ = damp · mean(diag H), from box = [J·H·J] (H with its
+    rows and columns reversed; the caller hands it over in the box so it is freed here). λ grows tenfold,
+    with a warning, while H + λI is not positive definite."""
     h = box.pop()
     mean_diag = float(torch.diag(h).mean())
     added = 0.0
@@ -113,8 +109,28 @@ def inverse_cholesky(box: list[torch.Tensor], damp: float, name: str = "") -> to
                             "(too little calibration data for this layer?)")
     if attempt:
         log.warning("%s: Hessian not positive definite with damp %g; used damp %g", name, damp, damp * 10**attempt)
-    del h
+    return m
+
+
+def inverse_cholesky(box: list[torch.Tensor], damp: float, name: str = "") -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + λI)⁻¹ (see _damped_factor for box and λ).
+
+    With J·H·J = M·Mᵀ (M lower), H = R·Rᵀ for R = J·M·J (upper), so H⁻¹ = (R⁻¹)ᵀ·R⁻¹ and U = R⁻¹ =
+    J·M⁻¹·J: one factorization and one triangular inversion, never more than two n² buffers (a 14336²
+    Hessian is 822 MB; cholesky_inverse followed by a second factorization needs three)."""
+    m = _damped_factor(box, damp, name)
     invert_lower(m)
+    return m.flip(0, 1)
+
+
+def plane_factor(box: list[torch.Tensor], damp: float, name: str = "") -> torch.Tensor:
+    """C, with C[j, i] = R[j, i] / R[i, i] for the upper R of H + λI = R·Rᵀ (see inverse_cholesky): GPTQ's
+    sweep without the inverse. Quantizing column i after columns j < i were rounded to q_j, the rest of the
+    weights minimizing (w − v)ᵀH(w − v) put column i at w_i + Σ_j C[j, i]·(w_j − q_j) (Babai's nearest
+    plane; Chen et al., 2025, "The Geometry of LLM Quantization: GPTQ as Babai's Nearest Plane Algorithm"),
+    the value GPTQ's error feedback through U = R⁻¹ reaches. One factorization, no triangular inversion."""
+    m = _damped_factor(box, damp, name)
+    m.div_(m.diagonal().clone()[None, :])  # R's columns over their diagonal, in M's reversed coordinates
     return m.flip(0, 1)
 
 
@@ -134,12 +150,11 @@ def invert_lower(m: torch.Tensor, leaf: int = 1024) -> None:
     c.copy_(d @ (c @ a)).neg_()
 
 
-def _params(w: torch.Tensor, config: GPTQConfig, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (as float) for the columns w [rows, n] of one group."""
+def _params(wg: torch.Tensor, config: GPTQConfig, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (as float) of each group of wg [rows, groups, g]: [rows, groups] each."""
     bits = config.bits
-    scale, zero = minmax_params(w[:, None, :], bits, config.symmetric, scale_dtype, config.zero_floor)
-    scale = scale[:, 0]
-    z = torch.full_like(scale, 1 << (bits - 1), dtype=torch.float32) if zero is None else zero[:, 0].float()
+    scale, zero = minmax_params(wg, bits, config.symmetric, scale_dtype, config.zero_floor)
+    z = torch.full_like(scale, 1 << (bits - 1), dtype=torch.float32) if zero is None else zero.float()
     return scale, z
 
 
@@ -162,22 +177,23 @@ def gptq(
     H = hessian.pop()
     # a column no calibration token reached: unit diagonal, so it is rounded alone and passes no error on
     # (its weights are kept: real inputs may still reach it)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H.diagonal().masked_fill_(torch.diag(H) == 0, 1.0)
 
     groups = cols // g
-    scale = torch.empty(rows, groups, dtype=scale_dtype, device=W.device)
-    zero = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
     fixed = config.static_groups or config.group_size == -1
     if fixed:  # all group parameters from the weights, before any error feedback
-        for k in range(groups):
-            scale[:, k], zero[:, k] = _params(W[:, k * g:(k + 1) * g], config, scale_dtype)
+        scale, zero = _params(W.reshape(rows, groups, g), config, scale_dtype)
+    else:
+        scale = torch.empty(rows, groups, dtype=scale_dtype, device=W.device)
+        zero = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
 
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
-    column_group = ((perm.cpu() if perm is not None and fixed else torch.arange(cols)) // g).to(W.device)
+    position = torch.arange(cols, device=W.device)
+    source = perm if perm is not None else position  # the column of w quantized at each position
+    column_group = (source if fixed else position) // g
     # H in quantization order, reversed (see inverse_cholesky), one axis at a time so that the 822 MB
     # down_proj Hessian exists at most twice
     order = (perm if perm is not None else torch.arange(cols, device=H.device)).flip(0)
@@ -185,20 +201,23 @@ def gptq(
     H = H.index_select(1, order)
     box = [H]
     del H
-    hinv = inverse_cholesky(box, config.damp, name)
+    c = plane_factor(box, config.damp, name)
 
     # blocks never straddle a group boundary, so a group's parameters come from weights that have
     # received the error of every column before it
     block = config.block_size if fixed else math.gcd(config.block_size, g)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
+    rounding = scale.float()  # the stored scales, in the sweep's precision (one kernel variant for all)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         if not fixed and i1 % g == 0:
-            scale[:, i1 // g], zero[:, i1 // g] = _params(W[:, i1:i1 + g], config, scale_dtype)
-        k = column_group[i1:i2]
-        codes[:, i1:i2], err = sweep_block(W[:, i1:i2].clone(), hinv[i1:i2, i1:i2],
-                                           scale[:, k].float(), zero[:, k], maxq)
-        W[:, i2:] -= err @ hinv[i1:i2, i2:]
+            s_k, z_k = _params(W[:, None, i1:i1 + g], config, scale_dtype)
+            scale[:, i1 // g], zero[:, i1 // g] = s_k[:, 0], z_k[:, 0]
+            rounding[:, i1 // g] = scale[:, i1 // g]
+        # W holds the targets; the block's own weights are read from the caller's w (W's float copy)
+        codes[:, i1:i2], err = sweep_block(w, source[i1:i2], W[:, i1:i2], c[i1:i2, i1:i2], rounding, zero,
+                                           column_group[i1:i2], maxq)
+        W[:, i2:].addmm_(err, c[i1:i2, i2:])
 
     g_idx = None
     if perm is not None:
@@ -210,19 +229,25 @@ def gptq(
     return QuantizedTensor(codes, scale, zero_codes, config.bits, config.group_size, g_idx)
 
 
-def sweep_block(w1: torch.Tensor, h1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
-    """Quantize the columns of one block in order, each one's error passed on to the columns after it
-    within the block. w1, scale, zero: [rows, B]; h1: [B, B]. Returns (codes uint8, scaled errors)."""
-    if w1.is_cuda and gptq_kernel.available(w1.device):  # one launch per block instead of ~10 per column
-        return gptq_kernel.quantize_block(w1, h1, scale, zero, maxq)
-    codes = torch.empty(w1.shape, dtype=torch.uint8, device=w1.device)
-    err = torch.empty_like(w1)
-    for i in range(w1.shape[1]):
-        col, s, z = w1[:, i], scale[:, i], zero[:, i]
-        q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+def sweep_block(w: torch.Tensor, cols: torch.Tensor, t1: torch.Tensor, c1: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor, groups: torch.Tensor, maxq: int):
+    """Quantize the columns of one block in order (see plane_factor): column i, the weights w[:, cols[i]],
+    is rounded at its target t1[:, i] plus Σ c1[j, i]·err[:, j] over the block's columns j < i, err = weight −
+    dequantized, on the scale and zero point of its group groups[i]. w [rows, n] (any float dtype); t1
+    [rows, B] float32; c1 [B, B]; scale, zero [rows, groups]. Returns (codes uint8, err); t1 is not
+    modified."""
+    if w.is_cuda and gptq_kernel.available(w.device):  # one launch per block instead of ~10 per column
+        return gptq_kernel.quantize_block(w, cols, t1, c1, scale, zero, groups, maxq)
+    w1, s1, z1 = w[:, cols].float(), scale[:, groups].float(), zero[:, groups].float()
+    t = t1.clone()
+    codes = torch.empty(t.shape, dtype=torch.uint8, device=t.device)
+    err = torch.empty_like(t)
+    for i in range(t.shape[1]):
+        s, z = s1[:, i], z1[:, i]
+        q = torch.clamp(torch.round(t[:, i] / s) + z, 0, maxq)
         codes[:, i] = q.to(torch.uint8)
-        e = (col - (q - z) * s) / h1[i, i]
-        w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+        e = w1[:, i] - (q - z) * s
+        t[:, i + 1:] += e[:, None] * c1[i, i + 1:][None, :]
         err[:, i] = e
     return codes, err
 
@@ -231,7 +256,7 @@ def _take_hessian(stats: Hessian | None, weight: torch.Tensor) -> torch.Tensor:
     """The accumulated H, handed over (gptq() damps it in place and frees it early)."""
     if stats is None or stats.tokens == 0:
         # an expert the router never chose: with H = I no error is passed on, which is plain rounding
-        return torch.eye(weight.shape[1], device=weight.device)
+        return torch.eye(weight.shape[1], device=weight.device, dtype=torch.float32)
     hessian, stats.matrix = stats.matrix, None
     return hessian
 
@@ -253,10 +278,16 @@ class GPTQ(Algorithm):
         self.sequential = config.true_sequential
 
     def warm_ups(self, device):
-        cols = 2 * (self.config.group_size if self.config.group_size > 0 else 128)
+        # 16 groups: triton specializes a kernel on whether each stride divides by 16, and the scales' row
+        # stride is the group count (32 to 112 in real layers)
+        cols = 16 * (self.config.group_size if self.config.group_size > 0 else 128)
 
         def sweep():  # the Triton kernel (loaded from its cache or compiled) and gptq()'s other kernels
-            gptq(torch.randn(64, cols, device=device), [torch.eye(cols, device=device)], self.config, torch.float16)
+            for rows in (64, gptq_kernel.THIN):  # its variants for few rows and for many
+                # the engine's weights on a GPU are bfloat16; dtypes spelled out: building the model sets
+                # torch's default dtype meanwhile
+                gptq(torch.randn(rows, cols, device=device, dtype=torch.bfloat16),
+                     [torch.eye(cols, device=device, dtype=torch.float32)], self.config, torch.bfloat16)
 
         return [partial(warm_up_solver, device, cols, self.config.damp), sweep]
 

@@ -144,9 +144,10 @@ class Checkpoint:
         return name in self._file_of
 
     # -- reading ---------------------------------------------------------------------------
-    def load(self, names: list[str], check: bool = True) -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], check: bool = True, pin: bool = False) -> dict[str, torch.Tensor]:
         """Read tensors (in their stored dtype), opening each file once; NaN/Inf are refused unless
-        `check` is off (the caller then checks them with check_finite, e.g. on the GPU)."""
+        `check` is off (the caller then checks them with check_finite, e.g. on the GPU). `pin`: into
+        page-locked memory, which a GPU copies from three to four times faster."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             if name not in self._file_of:
@@ -156,24 +157,24 @@ class Checkpoint:
         for file, file_names in by_file.items():
             if self._bin:
                 state = self._torch_load(file)
-                out.update({n: state[n].clone() for n in file_names})
+                out.update({n: state[n].pin_memory() if pin else state[n].clone() for n in file_names})
                 continue
-            out.update(self._read(file, file_names))
+            out.update(self._read(file, file_names, pin))
         if check:
             for n, t in out.items():
                 self.check_finite(n, t)
         return out
 
-    def _read(self, file: Path, names: list[str]) -> dict[str, torch.Tensor]:
-        """Tensors of one safetensors file, read into fresh memory. Not through a memory map: the mapped pages
-        a read touches count in the process's resident memory until it ends, which doubled the peak of a
-        conversion larger than RAM."""
+    def _read(self, file: Path, names: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors of one safetensors file, read into fresh memory (page-locked with `pin`: read there
+        directly, not copied there after). Not through a memory map: the mapped pages a read touches count in
+        the process's resident memory until it ends, which doubled the peak of a conversion larger than RAM."""
         header, start = self._header(file)
         out = {}
         with open(file, "rb", buffering=0) as f:
             for n in names:
                 begin, end = header[n]["data_offsets"]
-                t = torch.empty(self.shape(n), dtype=self.torch_dtype(n))
+                t = torch.empty(self.shape(n), dtype=self.torch_dtype(n), pin_memory=pin)
                 buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
                 f.seek(start + begin)
                 if end - begin != len(buf) or _read_into(f, buf) != len(buf):
