@@ -12,43 +12,23 @@ e.g. on the GPU machine, after scripts/gguf_methods_gpu.sh built /tmp/m8 and /tm
 from __future__ import annotations
 
 import argparse
-import functools
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import gguf
-import torch
 
-import qconvert.algorithms.gguf_gptq as gguf_gptq
-import qconvert.engine as engine
-import qconvert.formats.gguf.quantized_file as quantized_file
-import qconvert.gguf_pipeline as pipeline
-from qconvert.pipeline import Calibration
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from phase_timers import SPANS, timed  # noqa: E402
 
-SPANS: list[tuple[str, str, float, float]] = []  # thread, step, start, end (seconds from the run's start)
-ORIGIN = [0.0]
+import qconvert.algorithms.gguf_gptq as gguf_gptq  # noqa: E402
+import qconvert.engine as engine  # noqa: E402
+import qconvert.formats.gguf.quantized_file as quantized_file  # noqa: E402
+import qconvert.gguf_pipeline as pipeline  # noqa: E402
+from qconvert.pipeline import Calibration  # noqa: E402
+
 HIDDEN = ("sweep", "tensor.of", "inverse", "step.", "quantize_set", "w.write_tensor", "qf._")  # summed only
-
-
-def timed(owner, name: str, label: str | None = None, sync: bool = False) -> None:
-    fn = getattr(owner, name)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if sync and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if sync and torch.cuda.is_available():
-                torch.cuda.synchronize()
-            SPANS.append((threading.current_thread().name[-12:], label or name, start - ORIGIN[0],
-                          time.perf_counter() - ORIGIN[0]))
-
-    setattr(owner, name, wrapper)
 
 
 def instrument() -> None:
@@ -79,16 +59,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(2):
             SPANS.clear()
-            ORIGIN[0] = time.perf_counter()
+            origin = time.time()
             summary = pipeline.run(pipeline.GGUFRequest(args.model, Path(tmp) / f"run{run}.gguf", args.type,
                                                         calibration=Calibration(args.calibration), device=args.device,
                                                         method=args.method))
-            print(f"run {run}: {summary['seconds']:.2f} s in the process, {time.perf_counter() - ORIGIN[0]:.2f} s")
+            print(f"run {run}: {summary['seconds']:.2f} s in the process, {time.time() - origin:.2f} s")
             totals: dict[str, float] = {}
             for thread, step, start, end in sorted(SPANS, key=lambda s: s[2]):
                 totals[step] = totals.get(step, 0.0) + end - start
                 if end - start > 0.04 and not step.startswith(HIDDEN):
-                    print(f"  {thread:>12} {start:6.2f} {end:6.2f} {end - start:6.2f} {step}")
+                    print(f"  {thread[-12:]:>12} {start - origin:6.2f} {end - origin:6.2f} {end - start:6.2f} {step}")
             print("  summed:", {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])})
 
 

@@ -21,7 +21,7 @@ import gguf
 import torch
 
 from qconvert.algorithms import Algorithm, InputSet, register
-from qconvert.algorithms.gptq import Hessian, _take_hessian, inverse_cholesky, warm_up_solver
+from qconvert.algorithms.gptq import Hessian, _take_hessian, inverse_cholesky, unit_dead_columns, warm_up_solver
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.quants import kquants, legacy, native
@@ -197,8 +197,7 @@ def quantize_set(inputs: InputSet, stats: Hessian, types: dict[str, tuple[RowTyp
         return [Unchanged(w.detach()) for w in weights]
     h = _take_hessian(stats, weights[0])
     imatrix = importance(h)  # 0 for a column nothing reached, as in llama.cpp's imatrix
-    dead = imatrix == 0
-    h[dead, dead] = 1  # such a column is rounded alone, passing no error on
+    unit_dead_columns(h)
     u = inverse_cholesky([h.flip(0, 1).contiguous()], damp, ", ".join(inputs.names))
     del h
     results = []

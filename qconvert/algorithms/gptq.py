@@ -150,6 +150,12 @@ def invert_lower(m: torch.Tensor, leaf: int = 1024) -> None:
     c.copy_(d @ (c @ a)).neg_()
 
 
+def unit_dead_columns(h: torch.Tensor) -> None:
+    """A column no calibration token reached gets a unit diagonal in H, so it is rounded alone and passes no
+    error on (its weights are kept: real inputs may still reach it)."""
+    h.diagonal().masked_fill_(torch.diag(h) == 0, 1.0)
+
+
 def _params(wg: torch.Tensor, config: GPTQConfig, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (as float) of each group of wg [rows, groups, g]: [rows, groups] each."""
     bits = config.bits
@@ -175,9 +181,7 @@ def gptq(
     maxq = (1 << config.bits) - 1
     W = w.detach().float().clone()
     H = hessian.pop()
-    # a column no calibration token reached: unit diagonal, so it is rounded alone and passes no error on
-    # (its weights are kept: real inputs may still reach it)
-    H.diagonal().masked_fill_(torch.diag(H) == 0, 1.0)
+    unit_dead_columns(H)
 
     groups = cols // g
     fixed = config.static_groups or config.group_size == -1
@@ -196,7 +200,7 @@ def gptq(
     column_group = (source if fixed else position) // g
     # H in quantization order, reversed (see inverse_cholesky), one axis at a time so that the 822 MB
     # down_proj Hessian exists at most twice
-    order = (perm if perm is not None else torch.arange(cols, device=H.device)).flip(0)
+    order = source.flip(0)
     H = H.index_select(0, order)
     H = H.index_select(1, order)
     box = [H]
