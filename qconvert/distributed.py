@@ -89,15 +89,21 @@ class Ranks:
             header = [(buf.getvalue(), [(tuple(t.shape), t.dtype, t.device.type) for t in tensors])]
         dist.broadcast_object_list(header, src=src, device=_comm_device())
         data, specs = header[0]
+        if self.rank == src:
+            if tensors:
+                dist.broadcast(torch.cat([_bytes_of(t, _comm_device()) for t in tensors]), src=src)
+            return obj
+        # every tensor in one message (one broadcast per tensor was most of the time an exchange took)
+        sizes = [_padded(math.prod(shape) * dtype.itemsize) for shape, dtype, _ in specs]
         comm = _comm_device()
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=comm)
+        if specs:
+            dist.broadcast(flat, src=src)
         received = []
-        for i, (shape, dtype, kind) in enumerate(specs):
-            raw = (_bytes_of(tensors[i]).to(comm) if self.rank == src else
-                   torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8, device=comm))
-            dist.broadcast(raw, src=src)
+        for raw, (shape, dtype, kind) in zip(flat.split(sizes), specs):
             here = comm if kind == comm.type else torch.device(kind)
-            received.append(tensors[i] if self.rank == src else raw.to(here).view(dtype).reshape(shape))
-        return obj if self.rank == src else _TensorUnpickler(io.BytesIO(data), received).load()
+            received.append(raw[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape).to(here))
+        return _TensorUnpickler(io.BytesIO(data), received).load()
 
     def gather(self, part):
         """Every rank's `part`, in rank order, on every rank."""
@@ -122,11 +128,14 @@ class _TensorPickler(pickle.Pickler):
     def __init__(self, file, tensors: list):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors = tensors
+        self.index: dict[int, int] = {}
 
     def persistent_id(self, obj):
         if isinstance(obj, torch.Tensor):
-            self.tensors.append(obj)
-            return len(self.tensors) - 1
+            if id(obj) not in self.index:  # a tensor met again (the rotary tables of every call) is sent once
+                self.index[id(obj)] = len(self.tensors)
+                self.tensors.append(obj)
+            return self.index[id(obj)]
         return None
 
 
@@ -139,8 +148,17 @@ class _TensorUnpickler(pickle.Unpickler):
         return self.tensors[pid]
 
 
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+ALIGN = 16  # each tensor's bytes start at a multiple of this in a shared message (view(dtype) needs it)
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _bytes_of(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t's bytes on `device`, padded to _padded."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).to(device)
+    return torch.nn.functional.pad(raw, (0, _padded(raw.numel()) - raw.numel()))
 
 
 def _comm_device() -> torch.device:

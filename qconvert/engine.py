@@ -121,7 +121,13 @@ def _reduce(stats, ranks: distributed.Ranks) -> None:
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp(min=1e-30))
+    num, den = _error_terms(a, b).tolist()
+    return num / max(den, 1e-30)
+
+
+def _error_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[||a - b||², ||b||²] in float64 on a's device, not waited for: row shares of it add up."""
+    return torch.stack([(a.float() - b.float()).pow(2).sum(), b.float().pow(2).sum()]).double()
 
 
 @dataclass
@@ -180,11 +186,13 @@ class InputSample:
             self.rows.append(rows.clone())
             self.count += rows.shape[0]
 
-    def output_error(self, weight: torch.Tensor, quantized: torch.Tensor) -> float | None:
+    def output_error_terms(self, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        """_error_terms of the linear's outputs on the sample (weight and quantized: all rows or some); zeros
+        when the sample is empty."""
         if not self.count:
-            return None
+            return torch.zeros(2, dtype=torch.float64, device=weight.device)
         x = torch.cat(self.rows).to(weight.dtype)
-        return _relative_error(torch.nn.functional.linear(x, quantized), torch.nn.functional.linear(x, weight))
+        return _error_terms(torch.nn.functional.linear(x, quantized), torch.nn.functional.linear(x, weight))
 
 
 def _feed(sets: list[InputSet], algorithm: Algorithm, samples: dict) -> tuple[dict[str, object], list]:
@@ -241,7 +249,7 @@ def convert(
             background.append(pool.submit(_write_outside_blocks, ckpt, arch, writer, outside))
         if on_gpu and tokens is not None:
             background += _warm_up_all(options, algorithm)
-        upcoming = pool.submit(read_block, ckpt, arch, 0, on_gpu) if tokens is not None else None
+        upcoming = pool.submit(_read_ahead, ckpt, arch, 0, options) if tokens is not None else None
         model = build_skeleton(ckpt, arch, options.dtype)
         blocks = decoder_blocks(model, arch)
         inputs = None
@@ -252,11 +260,11 @@ def convert(
             if inputs is None:
                 report = _stream_block(block, index, ckpt, arch, algorithm, writer, options.device)
             else:
-                stored = upcoming.result()
+                ahead = upcoming.result()
                 if index + 1 < len(blocks):
-                    upcoming = pool.submit(read_block, ckpt, arch, index + 1, on_gpu)
-                originals = load_block(block, ckpt, arch, index, options.device, options.dtype, stored)
-                del stored
+                    upcoming = pool.submit(_read_ahead, ckpt, arch, index + 1, options)
+                originals = load_block(block, ckpt, arch, index, options.device, options.dtype, ahead)
+                del ahead
                 step = _BlockStep(block, index, arch, algorithm, writer, inputs, options.kv_cache, ranks)
                 report = step.run(originals)
             unload_block(block)
@@ -292,6 +300,10 @@ def _on(device: torch.device, fn, *args):
         return fn(*args)
     with torch.cuda.device(device):
         return fn(*args)
+
+
+def _read_ahead(ckpt: Checkpoint, arch: Architecture, index: int, options: EngineOptions):
+    return _on(options.device, read_block, ckpt, arch, index, options.device, options.dtype)
 
 
 def _share_of(tokens: torch.Tensor | None, ranks: distributed.Ranks) -> torch.Tensor | None:
@@ -379,6 +391,8 @@ class _BlockStep:
         self.report = LayerReport(index, 0.0)
         self.seen: dict[str, Observation] | None = None
         self.samples: dict[tuple[int, str], InputSample] = {}
+        # error terms of the linears put back in the block, added up over the ranks once, with the block's
+        self.terms: list[tuple[LinearReport, str, torch.Tensor]] = []
 
     def run(self, originals: dict[str, torch.Tensor]) -> LayerReport:
         calibrated = self.inputs is not None
@@ -401,6 +415,7 @@ class _BlockStep:
         self._write_rest(originals, changed)
         if calibrated:
             self._advance(reference, originals)
+        self._settle_errors()
         return self.report
 
     def _reference_pass(self):
@@ -428,7 +443,9 @@ class _BlockStep:
             # the last group: when one linear's input feeds it all, the pass can end right there
             # (its statistics hook runs before the stop, being registered first)
             stop = _stop_before(following) if following else sets[0].linears[0] if len(sets) == 1 else None
-            run_block(self.block, self.index, self.inputs, stop_at=stop)
+            # without statistics the pass only fills the input samples: their first mini-batches do
+            enough = None if stats else lambda: all(self.samples[s.key].count >= SAMPLE_TOKENS for s in sets)
+            run_block(self.block, self.index, self.inputs, stop_at=stop, enough=enough)
         for h in handles:
             h.remove()
         return stats
@@ -462,14 +479,18 @@ class _BlockStep:
             tokens_seen = None if self.seen is None else self.seen[name].tokens
             if tokens_seen == 0:
                 self.report.uncalibrated.append(name)
-            if keep:
-                dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
-                error, output_error = _relative_error(dq, lin.weight), sample and sample.output_error(lin.weight, dq)
-                lin.weight.data = dq
-            else:
-                error, output_error = _weight_error(qt, lin.weight), None
-            self.report.linears[name] = LinearReport(error, tokens_seen, output_error, *bits_and_group(qt),
-                                                     round(seconds, 4))
+            report = self.report.linears[name] = LinearReport(0.0, tokens_seen, None, *bits_and_group(qt),
+                                                              round(seconds, 4))
+            if not keep:
+                report.weight_error = _weight_error(qt, lin.weight)
+                continue
+            dq = qt.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+            # each rank measures its share of the rows; not waited for here (a wait per linear kept the GPU idle)
+            rows = self.ranks.row_share(dq.shape[0]) if self.ranks.active else slice(None)
+            self.terms.append((report, "weight_error", _error_terms(dq[rows], lin.weight[rows])))
+            if sample is not None:  # on every rank, its own sample empty or not: the ranks' lists must match
+                self.terms.append((report, "output_error", sample.output_error_terms(lin.weight[rows], dq[rows])))
+            lin.weight.data = dq
 
     def _write_rest(self, originals: dict[str, torch.Tensor], changed: set[str]) -> None:
         """The block's other tensors: as stored, or from the block where the algorithm rewrote them."""
@@ -494,11 +515,20 @@ class _BlockStep:
             names = scale_names(self.arch.layers, self.index)
             for key, scale in observer.scales(dtype).items():
                 self.writer.add_tensor(self.arch.to_file(names[key]), scale)
-        num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference))
-        den = sum(float(r.float().pow(2).sum()) for r in reference)
-        num, den = self.ranks.add([num, den])
-        self.report.output_error = num / max(den, 1e-30)
+        if reference:
+            self.terms.append((self.report, "output_error", sum(_error_terms(o, r) for o, r in zip(outputs, reference))))
         self.inputs.hidden = outputs
+
+    def _settle_errors(self) -> None:
+        """The relative errors of the block and its linears, from every rank's terms in one reduction."""
+        if not self.terms:
+            return
+        terms = torch.stack([t for _, _, t in self.terms])
+        terms = self.ranks.sum_(terms) if self.ranks.active else terms
+        for (report, field_name, _), (num, den) in zip(self.terms, terms.tolist()):
+            # no sampled token on any rank: no output error (a weight error of all-zero weights is 0)
+            setattr(report, field_name, None if den == 0 and field_name == "output_error" else num / max(den, 1e-30))
+        self.terms = []
 
 
 @torch.no_grad()

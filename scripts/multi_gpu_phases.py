@@ -45,8 +45,9 @@ def _barrier(step: str) -> None:
         SPANS.append((threading.current_thread().name, f"wait ({step})", start, time.time()))
 
 
-def _forward_kind(*args, stop_at=None, keep=None, **kwargs) -> str:
-    return "forward: " + ("group statistics" if stop_at is not None else "reference" if keep else "advance")
+def _forward_kind(*args, stop_at=None, keep=None, enough=None, **kwargs) -> str:
+    kind = "input samples" if enough else "group statistics" if stop_at is not None else "reference" if keep else "advance"
+    return f"forward: {kind}"
 
 
 def instrument() -> None:

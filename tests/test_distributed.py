@@ -62,6 +62,10 @@ def _share_rank(ranks):
     stacked = QuantizedTensor.stack_rows([p["qt"] for p in parts])
     assert stacked.codes[:3].eq(0).all() and stacked.codes[3:].eq(1).all()
     assert stacked.g_idx.dtype == torch.int32 and torch.equal(stacked.g_idx, torch.arange(4, dtype=torch.int32))
+    table = torch.arange(5, dtype=torch.float64) + ranks.rank  # one tensor in two places (the rotary tables)
+    got = ranks.share({"a": table, "b": [table, torch.ones(3, dtype=torch.bool)]}, 1)
+    assert got["a"] is got["b"][0] and torch.equal(got["a"], torch.arange(5, dtype=torch.float64) + 1)
+    assert got["b"][1].dtype == torch.bool and got["b"][1].all()
     whole = ranks.stack_rows(torch.arange(3 * ranks.rank, 3 * ranks.rank + 3 - ranks.rank), 5)  # 3 + 2 rows
     assert torch.equal(whole, torch.arange(5))
     assert ranks.owners([5, 1, 4, 2]) == [0, 0, 1, 1]  # largest first, each to the lighter rank

@@ -5,7 +5,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qconvert.model.architectures import architecture_for
-from qconvert.model.blocks import build_skeleton, capture_block_inputs, decoder_blocks, load_block, run_block, unload_block
+from qconvert.model.blocks import (
+    BlockInputs,
+    build_skeleton,
+    capture_block_inputs,
+    decoder_blocks,
+    load_block,
+    run_block,
+    unload_block,
+)
 from qconvert.model.checkpoint import Checkpoint
 from qconvert.model.moe import UnfusedExperts
 from qconvert.testing.tiny_models import ARCHITECTURES
@@ -68,3 +76,18 @@ def test_experts_without_calibration_tokens_are_reported(tiny, qconvert, tmp_pat
     assert len(missing) >= 3 * 5 and all(".experts." in n for n in missing)
     seen = [lr for layer in layers for n, lr in layer["linears"].items() if n not in layer["uncalibrated"]]
     assert all(lr["tokens"] > 0 for lr in seen)
+
+
+def test_a_pass_ends_after_the_mini_batch_that_was_enough():
+    """AWQ's pass after its rewrite only fills 1024-token input samples: it stops once they are full."""
+    seen = []
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden):
+            seen.append(hidden)
+            return (hidden * 2,)
+
+    inputs = BlockInputs(hidden=[torch.full((2, 3, 4), float(i)) for i in range(5)], call_args=[{2: ((), {})}])
+    out = run_block(Block(), 0, inputs, enough=lambda: len(seen) >= 2)
+    assert len(seen) == 2 and [float(o[0, 0, 0]) for o in out] == [0.0, 2.0]
+    assert len(run_block(Block(), 0, inputs)) == 5  # without it, every mini-batch

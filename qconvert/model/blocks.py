@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qconvert.errors import QConvertError
 from qconvert.model.architectures import Architecture
-from qconvert.model.checkpoint import Checkpoint
+from qconvert.model.checkpoint import Checkpoint, finite_flag
 from qconvert.model.moe import unfuse_experts
 
 
@@ -46,19 +46,44 @@ def block_file_names(ckpt: Checkpoint, arch: Architecture, index: int) -> dict[s
     return {arch.to_memory(n)[len(prefix):]: n for n in ckpt.names() if n.startswith(prefix)}
 
 
-def read_block(ckpt: Checkpoint, arch: Architecture, index: int, pin: bool = False) -> dict[str, torch.Tensor]:
-    """Block `index`'s tensors as stored (file name -> CPU tensor), not yet checked for NaN/Inf: the
-    part of loading that can run in a background thread while the previous block computes. `pin`:
-    in page-locked memory, which a GPU copies from three to four times faster."""
-    return ckpt.load(list(block_file_names(ckpt, arch, index).values()), check=False, pin=pin)
+@dataclass
+class ReadBlock:
+    """A block read ahead of its turn (see read_block): its tensors as stored (file name -> CPU tensor)
+    and, for a GPU, their copies there, made on a side stream while the block before it computes."""
+
+    stored: dict[str, torch.Tensor]
+    copies: dict[str, torch.Tensor] = field(default_factory=dict)  # file name -> on the GPU, in the compute dtype
+    finite: torch.Tensor | None = None  # per floating copy, in copies' order: no NaN/Inf in it
+    done: torch.cuda.Event | None = None
+
+
+def read_block(ckpt: Checkpoint, arch: Architecture, index: int, device=None, dtype=None) -> ReadBlock:
+    """Block `index`'s tensors as stored, not yet checked for NaN/Inf: the part of loading that runs in a
+    background thread while the previous block computes. With a CUDA `device`, read into page-locked
+    memory (a GPU copies from it three to four times faster) and copied to the GPU in `dtype` on a side
+    stream, the NaN/Inf check queued there too: 9 ms per 8B layer that no longer wait in line."""
+    device = None if device is None else torch.device(device)
+    on_gpu = device is not None and device.type == "cuda"
+    stored = ckpt.load(list(block_file_names(ckpt, arch, index).values()), check=False, pin=on_gpu)
+    if not on_gpu:
+        return ReadBlock(stored)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        copies = {n: t.to(device, non_blocking=True) for n, t in stored.items()}
+        copies = {n: t.to(dtype) if t.is_floating_point() else t for n, t in copies.items()}
+        ends = [finite_flag(t) for t in copies.values() if t.is_floating_point()]
+        finite = torch.stack(ends) if ends else None
+        done = torch.cuda.Event()
+        done.record(side)
+    return ReadBlock(stored, copies, finite, done)
 
 
 def load_block(
     block: nn.Module, ckpt: Checkpoint, arch: Architecture, index: int, device, dtype,
-    stored: dict[str, torch.Tensor] | None = None,
+    read: ReadBlock | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fill block `index` with its weights (cast to `dtype` on `device`, checked for NaN/Inf there),
-    from `stored` when read_block already read them.
+    from `read` when read_block already read them.
 
     Returns the tensors as stored (memory name -> tensor in the file's dtype, on CPU).
     """
@@ -70,14 +95,30 @@ def load_block(
     if missing:
         names = ", ".join(arch.to_file(f"{arch.layers}.{index}.{m}") for m in missing[:3])
         raise QConvertError(f"{ckpt.path}: layer {index} lacks {names}")
-    if stored is None:
-        stored = read_block(ckpt, arch, index)
-    originals = {n: stored[files[n]] for n in params}
+    if read is None:
+        read = read_block(ckpt, arch, index)
+    if read.copies:
+        _take_copies(read, ckpt)
+    originals = {n: read.stored[files[n]] for n in params}
     for name, tensor in originals.items():
+        if files[name] in read.copies:
+            set_param(block, name, read.copies[files[name]])
+            continue
         on_device = tensor.to(device=device, non_blocking=True)
         ckpt.check_finite(files[name], on_device)
         set_param(block, name, on_device.to(dtype))
     return originals
+
+
+def _take_copies(read: ReadBlock, ckpt: Checkpoint) -> None:
+    """Hand read_block's GPU copies over to this thread's stream, after their NaN/Inf check."""
+    stream = torch.cuda.current_stream(read.done.device)
+    stream.wait_event(read.done)
+    for t in read.copies.values():
+        t.record_stream(stream)  # their memory is not reused before this stream is done with them
+    if read.finite is not None and not bool(read.finite.all()):
+        floating = [n for n, t in read.copies.items() if t.is_floating_point()]
+        raise ckpt.not_finite(floating[int((~read.finite).nonzero()[0])])
 
 
 def _malloc_trim() -> None:
@@ -225,10 +266,11 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def run_block(block: nn.Module, index: int, inputs: BlockInputs, stop_at: nn.Module | None = None,
-              keep: int | None = None, cache=None) -> list[torch.Tensor]:
+              keep: int | None = None, cache=None, enough=None) -> list[torch.Tensor]:
     """The block's outputs for every mini-batch (the first `keep` only, when given); with `stop_at`,
     each pass ends where that module would run (for hooks that only need the part before it) and
-    nothing is returned; `cache` is handed to the attention as its KV cache."""
+    nothing is returned; `cache` is handed to the attention as its KV cache; `enough()` true after a
+    mini-batch ends the run there."""
     handle = None
     if stop_at is not None:
         def stop(_module, _args):
@@ -243,10 +285,12 @@ def run_block(block: nn.Module, index: int, inputs: BlockInputs, stop_at: nn.Mod
                 kwargs = {**kwargs, "past_key_values": cache}
             try:
                 out = block(hidden, *args, **kwargs)
+                if keep is None or len(outputs) < keep:
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
             except _Stop:
-                continue
-            if keep is None or len(outputs) < keep:
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+                pass
+            if enough is not None and enough():
+                break
     finally:
         if handle is not None:
             handle.remove()

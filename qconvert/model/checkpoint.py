@@ -204,7 +204,10 @@ class Checkpoint:
 
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.is_floating_point() and not _all_finite(tensor):
-            raise QConvertError(f"{name} in {self._file_of[name].name} holds NaN or Inf values")
+            raise self.not_finite(name)
+
+    def not_finite(self, name: str) -> QConvertError:
+        return QConvertError(f"{name} in {self._file_of[name].name} holds NaN or Inf values")
 
     def get(self, name: str) -> torch.Tensor:
         return self.load([name])[name]
@@ -229,12 +232,17 @@ def _read_into(f, buf: memoryview) -> int:
     return got
 
 
-def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
-    """Through each slice's minimum and maximum, which carry any NaN or Inf: a reduction, 20x faster on the
-    host than an isfinite mask. float8 is widened slice by slice (fp16 holds it exactly; it has no kernels)."""
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return bool(finite_flag(tensor))
+
+
+def finite_flag(tensor: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """A 0-d bool tensor on tensor's device, true when it holds no NaN or Inf (not waited for). Through each
+    slice's minimum and maximum, which carry any NaN or Inf: a reduction, 20x faster on the host than an
+    isfinite mask. float8 is widened slice by slice (fp16 holds it exactly; it has no kernels)."""
     flat = tensor.reshape(-1)
     if not flat.numel():
-        return True
+        return torch.ones((), dtype=torch.bool, device=flat.device)
     widen = (lambda part: part.to(torch.float16)) if flat.element_size() == 1 else (lambda part: part)  # noqa: E731
     ends = [torch.stack(torch.aminmax(widen(part))) for part in flat.split(chunk)]
-    return bool(torch.isfinite(torch.stack(ends)).all())
+    return torch.isfinite(torch.stack(ends)).all()
