@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qconvert.errors import QConvertError
-from qconvert.model.checkpoint import Checkpoint, _all_finite, resolve_model
+from qconvert.model.checkpoint import Checkpoint, finite_flag, resolve_model
 
 
 def test_local_path_never_touches_the_hub(tiny, monkeypatch):
@@ -68,9 +68,9 @@ def test_missing_shard_is_named(tiny, tmp_path):
                          ids=str)
 def test_the_finiteness_check_finds_one_bad_value_in_any_slice(dtype):
     clean = torch.randn(1000).to(dtype)
-    assert _all_finite(clean, chunk=64)
+    assert bool(finite_flag(clean, chunk=64))
     for at in (0, 63, 64, 500, 999):
         for bad in (float("nan"), float("inf"), float("-inf")):
             t = clean.clone()
             t[at] = bad
-            assert not _all_finite(t, chunk=64), (at, bad)
+            assert not bool(finite_flag(t, chunk=64)), (at, bad)
