@@ -87,22 +87,23 @@ class Ranks:
             buf = io.BytesIO()
             _TensorPickler(buf, tensors).dump(obj)
             header = [(buf.getvalue(), [(tuple(t.shape), t.dtype, t.device.type) for t in tensors])]
-        dist.broadcast_object_list(header, src=src, device=_comm_device())
-        data, specs = header[0]
-        if self.rank == src:
-            if tensors:
-                dist.broadcast(torch.cat([_bytes_of(t, _comm_device()) for t in tensors]), src=src)
-            return obj
-        # every tensor in one message (one broadcast per tensor was most of the time an exchange took)
-        sizes = [_padded(math.prod(shape) * dtype.itemsize) for shape, dtype, _ in specs]
         comm = _comm_device()
-        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=comm)
+        dist.broadcast_object_list(header, src=src, device=comm)
+        data, specs = header[0]
+        # every tensor in one message (one broadcast per tensor was most of the time an exchange took), each
+        # at an offset that view(dtype) accepts
+        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs]
+        flat = torch.empty(sum(_padded(n) for n in sizes), dtype=torch.uint8, device=comm)
+        parts = [p[:n] for p, n in zip(flat.split([_padded(n) for n in sizes]), sizes)]
+        if self.rank == src:
+            for part, t in zip(parts, tensors):
+                part.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
         if specs:
             dist.broadcast(flat, src=src)
-        received = []
-        for raw, (shape, dtype, kind) in zip(flat.split(sizes), specs):
-            here = comm if kind == comm.type else torch.device(kind)
-            received.append(raw[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape).to(here))
+        if self.rank == src:
+            return obj
+        received = [part.view(dtype).reshape(shape).to(comm if kind == comm.type else torch.device(kind))
+                    for part, (shape, dtype, kind) in zip(parts, specs)]
         return _TensorUnpickler(io.BytesIO(data), received).load()
 
     def gather(self, part):
@@ -153,12 +154,6 @@ ALIGN = 16  # each tensor's bytes start at a multiple of this in a shared messag
 
 def _padded(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
-
-
-def _bytes_of(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t's bytes on `device`, padded to _padded."""
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).to(device)
-    return torch.nn.functional.pad(raw, (0, _padded(raw.numel()) - raw.numel()))
 
 
 def _comm_device() -> torch.device:

@@ -19,7 +19,8 @@ from torch import nn
 
 from qconvert.algorithms import InputSet, register
 from qconvert.algorithms.awq import AWQ, AWQConfig, _Group
-from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged, hessian_of, quantize_set, warm_ups
+from qconvert.algorithms.gguf_gptq import GGUFTensor, RowTypes, Unchanged, quantize_set, warm_ups
+from qconvert.algorithms.gptq import hessian_of
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.imatrix import SquaredSums
 

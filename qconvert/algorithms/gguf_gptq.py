@@ -21,7 +21,14 @@ import gguf
 import torch
 
 from qconvert.algorithms import Algorithm, InputSet, register
-from qconvert.algorithms.gptq import Hessian, _take_hessian, inverse_cholesky, unit_dead_columns, warm_up_solver
+from qconvert.algorithms.gptq import (
+    Hessian,
+    _take_hessian,
+    hessian_of,
+    inverse_cholesky,
+    unit_dead_columns,
+    warm_up_solver,
+)
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import quants
 from qconvert.formats.gguf.quants import kquants, legacy, native
@@ -182,11 +189,6 @@ def _compensating(w: torch.Tensor, u: torch.Tensor, scaled: torch.Tensor):
         return codes
 
     return rounding
-
-
-def hessian_of(inputs: InputSet) -> Hessian:
-    weight = inputs.linears[0].weight
-    return Hessian(weight.shape[1], weight.device)
 
 
 def quantize_set(inputs: InputSet, stats: Hessian, types: dict[str, tuple[RowTypes, ...]], damp: float) -> list:

@@ -256,6 +256,12 @@ def sweep_block(w: torch.Tensor, cols: torch.Tensor, t1: torch.Tensor, c1: torch
     return codes, err
 
 
+def hessian_of(inputs: InputSet) -> Hessian:
+    """An empty H for the input the set's linears share."""
+    weight = inputs.linears[0].weight
+    return Hessian(weight.shape[1], weight.device)
+
+
 def _take_hessian(stats: Hessian | None, weight: torch.Tensor) -> torch.Tensor:
     """The accumulated H, handed over (gptq() damps it in place and frees it early)."""
     if stats is None or stats.tokens == 0:
@@ -296,8 +302,7 @@ class GPTQ(Algorithm):
         return [partial(warm_up_solver, device, cols, self.config.damp), sweep]
 
     def statistics(self, inputs: InputSet) -> Hessian:
-        weight = inputs.linears[0].weight
-        return Hessian(weight.shape[1], weight.device)
+        return hessian_of(inputs)
 
     def quantize(self, inputs, stats, scale_dtype):
         """The linears of one input set are swept as one matrix: they share H and its inverse."""

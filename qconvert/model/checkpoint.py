@@ -203,7 +203,7 @@ class Checkpoint:
         return picked.view(self.torch_dtype(name)).reshape(len(rows), *self.shape(name)[1:])
 
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not bool(finite_flag(tensor)):
             raise self.not_finite(name)
 
     def not_finite(self, name: str) -> QConvertError:
@@ -230,10 +230,6 @@ def _read_into(f, buf: memoryview) -> int:
             break
         got += n
     return got
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    return bool(finite_flag(tensor))
 
 
 def finite_flag(tensor: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
